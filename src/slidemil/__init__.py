@@ -1,0 +1,43 @@
+"""slidemil: attention-based multiple-instance learning for whole-slide histology images.
+
+The pipeline, one function per stage (each also a ``slidemil`` command)::
+
+    slidemil.synth(...)     # a synthetic cohort of real SVS slides
+    slidemil.load_cohort(...)
+    slidemil.Slide(path)
+
+Heavy modules (torch, OpenSlide) load on first use, so ``import slidemil`` is cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_API = {
+    "Slide": "slidemil.slide",
+    "ReadPlan": "slidemil.slide",
+    "Cohort": "slidemil.cohort",
+    "SlideRecord": "slidemil.cohort",
+    "load_cohort": "slidemil.cohort",
+    "synth": "slidemil.synth",
+    "SynthConfig": "slidemil.synth",
+}
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str) -> Any:
+    module = _API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'slidemil' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

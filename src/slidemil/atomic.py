@@ -1,0 +1,49 @@
+"""Atomic output: every artifact is written to a temp name in its final folder, then renamed.
+
+A reader therefore sees either no file or a complete one, and a killed run leaves only temp files,
+which the next run ignores and overwrites.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+
+TEMP_MARKER = ".tmp-"
+
+
+def temp_path_for(final: Path) -> Path:
+    """A unique temp name beside ``final`` that keeps its suffix (image writers infer format)."""
+    return final.with_name(f".{final.stem}{TEMP_MARKER}{uuid.uuid4().hex[:8]}{final.suffix}")
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | Path) -> Iterator[Path]:
+    """Yield a temp path to write; on success it replaces ``final``, on error it is removed."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_for(final)
+    try:
+        yield tmp
+        tmp.replace(final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_csv(path: str | Path, frame: pd.DataFrame) -> None:
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+
+
+def is_temp_file(path: Path) -> bool:
+    return path.name.startswith(".") and TEMP_MARKER in path.name

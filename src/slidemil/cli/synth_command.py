@@ -1,0 +1,43 @@
+"""``slidemil synth``: write a synthetic cohort of real SVS slides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from slidemil.cli.app import app, friendly_errors, parse_floats
+from slidemil.synth.cohort import SynthConfig
+
+H = SynthConfig.field_help
+
+
+@app.command()
+@friendly_errors
+def synth(
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
+    slides: int = typer.Option(None, help=H("slides")),
+    classes: int = typer.Option(None, help=H("classes")),
+    size: int = typer.Option(None, help=H("size")),
+    mpp: str = typer.Option(None, help=H("mpp") + " (comma-separated, e.g. 0.25,0.5)"),
+    imbalance: float = typer.Option(None, help=H("imbalance")),
+    max_slides_per_patient: int = typer.Option(None, help=H("max_slides_per_patient")),
+    seed: int = typer.Option(None, help=H("seed")),
+    quality: int = typer.Option(None, help=H("quality")),
+    workers: int = typer.Option(None, "--workers", "-j", help=H("workers")),
+    quiet: bool = typer.Option(None, "--quiet/--progress", help=H("quiet")),
+    config: Path = typer.Option(None, "--config", help="YAML file; its 'synth' section."),
+) -> None:
+    """Write a synthetic cohort: pyramidal JPEG Aperio SVS slides with class-specific lesions,
+    ground-truth masks (truth/) and cohort.csv."""
+    from slidemil.config import build
+    from slidemil.synth import synth as run_synth
+
+    options = dict(
+        slides=slides, classes=classes, size=size, mpp=parse_floats(mpp), imbalance=imbalance,
+        max_slides_per_patient=max_slides_per_patient, seed=seed, quality=quality,
+        workers=workers, quiet=quiet,
+    )  # fmt: skip
+    resolved = build(SynthConfig, section="synth", config_file=config, overrides=options)
+    cohort = run_synth(out, resolved)
+    typer.echo(f"{len(cohort)} slides, {len(cohort.class_names)} classes -> {out / 'cohort.csv'}")

@@ -1,0 +1,244 @@
+"""The cohort manifest: which slides, where they are, their labels and patients.
+
+``cohort.csv`` columns: ``slide_id, path, label, patient_id`` and optionally ``mask_path``
+(a user tissue mask), ``split`` (``train``/``val``/``test``, overrides automatic splits) and
+``slide_mpp`` (level-0 µm/px for slides whose metadata lacks it). Relative paths resolve against
+the CSV's folder. Class names are the distinct labels, sorted (numerically when all are numbers).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from slidemil import atomic
+from slidemil.errors import CohortError
+
+REQUIRED_COLUMNS = ("slide_id", "path")
+TRAINING_COLUMNS = ("label", "patient_id")
+OPTIONAL_COLUMNS = ("mask_path", "split", "slide_mpp")
+SPLIT_NAMES = ("train", "val", "test")
+# slide ids become file names in every stage's output folder
+SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
+
+
+@dataclass(frozen=True)
+class SlideRecord:
+    """One slide of the cohort. Paths are absolute."""
+
+    slide_id: str
+    path: Path
+    label: str | None = None
+    patient_id: str | None = None
+    mask_path: Path | None = None
+    split: str | None = None
+    slide_mpp: float | None = None
+
+
+@dataclass(frozen=True)
+class Cohort:
+    """A validated cohort: records in CSV order and the sorted class names."""
+
+    slides: tuple[SlideRecord, ...]
+    class_names: tuple[str, ...] = ()
+    source: Path | None = None
+    _by_id: dict[str, SlideRecord] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_id", {s.slide_id: s for s in self.slides})
+
+    def __len__(self) -> int:
+        return len(self.slides)
+
+    def __iter__(self) -> Iterator[SlideRecord]:
+        return iter(self.slides)
+
+    def __getitem__(self, slide_id: str) -> SlideRecord:
+        return self._by_id[slide_id]
+
+    def __contains__(self, slide_id: object) -> bool:
+        return slide_id in self._by_id
+
+    @property
+    def has_labels(self) -> bool:
+        return bool(self.class_names)
+
+    def label_index(self, record: SlideRecord) -> int:
+        """Integer class of ``record`` in :attr:`class_names` order."""
+        return self.class_names.index(record.label)
+
+    def subset(self, slide_ids: list[str]) -> Cohort:
+        """The records with these ids (in this cohort's order), keeping the class names."""
+        wanted = set(slide_ids)
+        kept = tuple(s for s in self.slides if s.slide_id in wanted)
+        return Cohort(kept, self.class_names, self.source)
+
+    def to_frame(self) -> pd.DataFrame:
+        rows = []
+        for s in self.slides:
+            rows.append(
+                {
+                    "slide_id": s.slide_id,
+                    "path": str(s.path),
+                    "label": s.label,
+                    "patient_id": s.patient_id,
+                    "mask_path": None if s.mask_path is None else str(s.mask_path),
+                    "split": s.split,
+                    "slide_mpp": s.slide_mpp,
+                }
+            )
+        return pd.DataFrame(rows, columns=[*REQUIRED_COLUMNS, *TRAINING_COLUMNS, *OPTIONAL_COLUMNS])
+
+    def save(self, path: str | Path) -> None:
+        """Write the validated manifest (absolute paths) atomically."""
+        atomic.write_csv(path, self.to_frame())
+
+
+def sort_class_names(labels) -> tuple[str, ...]:
+    """Distinct labels sorted; numerically when every label is a number (so 2 < 10)."""
+    distinct = sorted({str(x) for x in labels})
+    try:
+        return tuple(sorted(distinct, key=float))
+    except ValueError:
+        return tuple(distinct)
+
+
+def load_cohort(
+    csv_path: str | Path,
+    *,
+    require_labels: bool = True,
+    check_files: bool = True,
+    class_names: tuple[str, ...] | None = None,
+) -> Cohort:
+    """Read and validate ``cohort.csv``; every problem is reported at once in one CohortError.
+
+    Args:
+        csv_path: the CSV file.
+        require_labels: demand ``label`` and ``patient_id`` (training); prediction passes False.
+        check_files: demand that every slide (and mask) file exists.
+        class_names: a fixed class order (e.g. a trained model's); labels outside it are errors.
+    """
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        what = "is a directory, expected a CSV file" if csv_path.is_dir() else "file not found"
+        raise CohortError(csv_path, what)
+    try:
+        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise CohortError(csv_path, f"not a readable CSV: {e}") from e
+    frame.columns = [str(c).strip() for c in frame.columns]
+
+    needed = REQUIRED_COLUMNS + (TRAINING_COLUMNS if require_labels else ())
+    missing = [c for c in needed if c not in frame.columns]
+    if missing:
+        raise CohortError(
+            csv_path,
+            f"missing column(s) {', '.join(missing)}; found {', '.join(frame.columns) or 'none'}",
+            f"the header must contain {', '.join(needed)}",
+        )
+    if frame.empty:
+        raise CohortError(csv_path, "no slides listed")
+
+    problems: list[str] = []
+    records: list[SlideRecord] = []
+    seen: dict[str, int] = {}
+    for index, row in frame.iterrows():
+        line = int(index) + 2  # header is line 1
+        record = _parse_row(row, line, csv_path.parent, require_labels, check_files, problems)
+        if record is None:
+            continue
+        if record.slide_id in seen:
+            problems.append(
+                f"line {line}: duplicate slide_id {record.slide_id!r} (first on line "
+                f"{seen[record.slide_id]})"
+            )
+            continue
+        seen[record.slide_id] = line
+        records.append(record)
+
+    labels = [r.label for r in records if r.label is not None]
+    if class_names is not None:
+        unknown = sorted({lab for lab in labels if lab not in class_names})
+        if unknown:
+            problems.append(f"labels {unknown} are not among the classes {list(class_names)}")
+        names = tuple(class_names)
+    else:
+        names = sort_class_names(labels) if labels else ()
+
+    if problems:
+        shown = "; ".join(problems[:20])
+        more = f"; and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise CohortError(csv_path, f"{len(problems)} problem(s): {shown}{more}")
+    return Cohort(tuple(records), names, csv_path)
+
+
+def _parse_row(row, line, base, require_labels, check_files, problems) -> SlideRecord | None:
+    def cell(name: str) -> str:
+        return str(row[name]).strip() if name in row.index else ""
+
+    start = len(problems)
+    slide_id = cell("slide_id")
+    if not slide_id:
+        problems.append(f"line {line}: empty slide_id")
+    elif not SAFE_ID.match(slide_id):
+        problems.append(
+            f"line {line}: slide_id {slide_id!r} must be letters, digits, '.', '_' or '-' "
+            "(it names output files)"
+        )
+    path = _resolve(cell("path"), base)
+    if path is None:
+        problems.append(f"line {line}: empty path")
+    elif check_files and not path.exists():
+        problems.append(f"line {line}: slide file not found: {path}")
+    elif check_files and path.is_dir() and path.suffix.lower() != ".mrxs":
+        problems.append(f"line {line}: slide path is a directory: {path}")
+
+    label = cell("label") or None
+    patient = cell("patient_id") or None
+    if require_labels and label is None:
+        problems.append(f"line {line}: empty label")
+    if require_labels and patient is None:
+        problems.append(f"line {line}: empty patient_id")
+
+    mask_path = _resolve(cell("mask_path"), base)
+    if mask_path is not None and check_files and not mask_path.is_file():
+        problems.append(f"line {line}: mask file not found: {mask_path}")
+
+    split = cell("split").lower() or None
+    if split is not None and split not in SPLIT_NAMES:
+        problems.append(f"line {line}: split {split!r} must be one of {', '.join(SPLIT_NAMES)}")
+
+    slide_mpp = None
+    if cell("slide_mpp"):
+        try:
+            slide_mpp = float(cell("slide_mpp"))
+            if not slide_mpp > 0:
+                raise ValueError
+        except ValueError:
+            problems.append(
+                f"line {line}: slide_mpp {cell('slide_mpp')!r} is not a positive number"
+            )
+            slide_mpp = None
+
+    if len(problems) > start or path is None:
+        return None
+    return SlideRecord(
+        slide_id=slide_id,
+        path=path,
+        label=label,
+        patient_id=patient if patient is not None else slide_id,
+        mask_path=mask_path,
+        split=split,
+        slide_mpp=slide_mpp,
+    )
+
+
+def _resolve(value: str, base: Path) -> Path | None:
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    return (path if path.is_absolute() else base / path).resolve()

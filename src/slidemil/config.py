@@ -1,0 +1,107 @@
+"""Configuration: one pydantic model per stage, one YAML file per experiment.
+
+A YAML file holds one section per stage (``synth:``, ``patch:``, ``extract:``, ``train:``, ...);
+unknown sections and keys are refused by name. A command resolves its options as defaults <
+YAML section < explicit arguments (command-line flags or keyword arguments), validates them, and
+writes the resolved section next to its outputs so any result can be reproduced.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from slidemil import atomic
+from slidemil.errors import ConfigError
+
+C = TypeVar("C", bound="StageConfig")
+
+
+class StageConfig(BaseModel):
+    """Base of every stage's options: unknown keys are errors, values are validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    @classmethod
+    def field_help(cls, name: str) -> str:
+        """A field's description with its default, for ``--help`` (kept in one place)."""
+        info = cls.model_fields[name]
+        default = info.default
+        shown = "" if default is None else f" [default: {_show(default)}]"
+        return f"{info.description or ''}{shown}"
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(path, "config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(path, f"not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(path, "a config file must be a mapping of stage sections")
+    return data
+
+
+def build(
+    model: type[C],
+    *,
+    section: str,
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> C:
+    """Resolve ``model`` from its YAML section (if a file is given) and explicit ``overrides``."""
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        data = read_yaml(config_file)
+        unknown = sorted(set(data) - set(STAGE_SECTIONS))
+        if unknown:
+            raise ConfigError(
+                config_file,
+                f"unknown section(s) {', '.join(unknown)}",
+                f"sections are {', '.join(STAGE_SECTIONS)}",
+            )
+        section_values = data.get(section) or {}
+        if not isinstance(section_values, dict):
+            raise ConfigError(config_file, f"section {section!r} must be a mapping")
+        values.update(section_values)
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return model(**values)
+    except ValidationError as e:
+        raise ConfigError(config_file, _summarise(e, section)) from e
+
+
+def _summarise(error: ValidationError, section: str) -> str:
+    parts = []
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"])
+        message = str(item["msg"]).removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            parts.append(f"unknown option {key!r} in {section}")
+        else:
+            parts.append(f"{section}.{key}: {message}" if key else f"{section}: {message}")
+    return "; ".join(parts)
+
+
+def write_resolved(path: str | Path, sections: dict[str, StageConfig | dict]) -> None:
+    """Write the resolved options of one or more stages as YAML, atomically."""
+    data = {
+        name: (cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else cfg)
+        for name, cfg in sections.items()
+    }
+    atomic.write_text(path, yaml.safe_dump(data, sort_keys=False))
+
+
+# Sections a config file may have; each stage module defines its model under one of these names.
+STAGE_SECTIONS = ("synth", "patch", "extract", "train", "evaluate", "predict", "heatmap", "demo")

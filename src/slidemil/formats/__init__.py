@@ -1,0 +1,1 @@
+"""The artifact files passed between stages, each with a ``format_version`` attribute."""
