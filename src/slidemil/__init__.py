@@ -2,9 +2,11 @@
 
 The pipeline, one function per stage (each also a ``slidemil`` command)::
 
-    slidemil.synth(...)     # a synthetic cohort of real SVS slides
-    slidemil.load_cohort(...)
-    slidemil.Slide(path)
+    slidemil.synth(out, slides=48)            # a synthetic cohort of real SVS slides
+    slidemil.patch("cohort.csv", "work/")     # tissue + patch coordinates
+    slidemil.extract("work/", encoder="resnet50-trunc")
+    slidemil.train("work/", "runs/exp1", model="abmil-gated", folds=5)
+    slidemil.evaluate("runs/exp1")
 
 Heavy modules (torch, OpenSlide) load on first use, so ``import slidemil`` is cheap.
 """
@@ -25,6 +27,18 @@ _API = {
     "load_cohort": "slidemil.cohort",
     "synth": "slidemil.synth",
     "SynthConfig": "slidemil.synth",
+    "patch": "slidemil.patching",
+    "PatchConfig": "slidemil.patching",
+    "extract": "slidemil.extraction",
+    "ExtractConfig": "slidemil.extraction",
+    "list_encoders": "slidemil.encoders",
+    "get_encoder": "slidemil.encoders",
+    "train": "slidemil.training",
+    "TrainConfig": "slidemil.training",
+    "list_models": "slidemil.models",
+    "build_model": "slidemil.models",
+    "evaluate": "slidemil.evaluation",
+    "EvaluateConfig": "slidemil.evaluation",
 }
 
 __all__ = ["__version__", *_API]

@@ -1,0 +1,1 @@
+"""``slidemil encoders``: being written (this module registers the command on the app)."""

@@ -1,0 +1,1 @@
+"""``slidemil extract``: being written (this module registers the command on the app)."""

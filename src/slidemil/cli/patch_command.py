@@ -1,0 +1,1 @@
+"""``slidemil patch``: being written (this module registers the command on the app)."""

@@ -1,0 +1,1 @@
+"""``slidemil train``: being written (this module registers the command on the app)."""
