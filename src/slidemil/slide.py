@@ -103,8 +103,10 @@ class Slide:
         if self._mpp_override is not None:
             return float(self._mpp_override)
         props = self._osr.properties
-        values = [_to_float(props.get(openslide.PROPERTY_NAME_MPP_X)),
-                  _to_float(props.get(openslide.PROPERTY_NAME_MPP_Y))]  # fmt: skip
+        values = [
+            _to_float(props.get(openslide.PROPERTY_NAME_MPP_X)),
+            _to_float(props.get(openslide.PROPERTY_NAME_MPP_Y)),
+        ]
         values = [v for v in values if v is not None and v > 0]
         if values:
             return float(np.mean(values))
@@ -231,8 +233,10 @@ def _mpp_from_tiff_resolution(props) -> float | None:
     """µm/px from ``tiff.XResolution`` / ``tiff.ResolutionUnit`` when they look physical."""
     unit = (props.get("tiff.ResolutionUnit") or "").lower()
     microns_per_unit = {"centimeter": 1e4, "inch": 25400.0}.get(unit)
-    resolutions = [_to_float(props.get("tiff.XResolution")),
-                   _to_float(props.get("tiff.YResolution"))]  # fmt: skip
+    resolutions = [
+        _to_float(props.get("tiff.XResolution")),
+        _to_float(props.get("tiff.YResolution")),
+    ]
     resolutions = [r for r in resolutions if r is not None and r > 0]
     if microns_per_unit is None or not resolutions:
         return None

@@ -34,10 +34,17 @@ def synth(
     from slidemil.synth import synth as run_synth
 
     options = dict(
-        slides=slides, classes=classes, size=size, mpp=parse_floats(mpp), imbalance=imbalance,
-        max_slides_per_patient=max_slides_per_patient, seed=seed, quality=quality,
-        workers=workers, quiet=quiet,
-    )  # fmt: skip
+        slides=slides,
+        classes=classes,
+        size=size,
+        mpp=parse_floats(mpp),
+        imbalance=imbalance,
+        max_slides_per_patient=max_slides_per_patient,
+        seed=seed,
+        quality=quality,
+        workers=workers,
+        quiet=quiet,
+    )
     resolved = build(SynthConfig, section="synth", config_file=config, overrides=options)
     cohort = run_synth(out, resolved)
     typer.echo(f"{len(cohort)} slides, {len(cohort.class_names)} classes -> {out / 'cohort.csv'}")

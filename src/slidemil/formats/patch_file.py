@@ -21,13 +21,15 @@ Layout (``format_version`` 1)::
         source_format       "slidemil" (files read from CLAM or TRIDENT say so)
 
 The file is written to a temp name and renamed, so a file at the final path is complete.
+:func:`read_patch_file` also reads CLAM's and TRIDENT's patch files
+(see :mod:`slidemil.formats.foreign_patches`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
@@ -35,6 +37,9 @@ import numpy as np
 from slidemil.atomic import atomic_path
 from slidemil.errors import ArtifactError
 from slidemil.formats.h5 import provenance, read_attr, write_attrs
+
+if TYPE_CHECKING:
+    from slidemil.slide import Slide
 
 PATCH_FORMAT_VERSION = 1
 
@@ -106,8 +111,13 @@ def write_patch_file(path: str | Path, patches: PatchSet) -> Path:
     return path
 
 
-def read_patch_file(path: str | Path) -> PatchSet:
-    """Read a slidemil patch file. Raises :class:`ArtifactError` naming the file and problem."""
+def read_patch_file(path: str | Path, slide: Slide | None = None) -> PatchSet:
+    """Read a slidemil, CLAM or TRIDENT patch file. Raises :class:`ArtifactError` naming the
+    file and problem.
+
+    ``slide`` (optional) fills in what a CLAM or TRIDENT file does not record (level
+    downsamples, read level, µm/px); slidemil files need nothing.
+    """
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(path, "patch file not found")
@@ -116,52 +126,71 @@ def read_patch_file(path: str | Path) -> PatchSet:
             if "coords" not in f:
                 raise ArtifactError(path, "no 'coords' dataset: not a patch file")
             version = read_attr(f.attrs, "format_version")
-            if version is None:
-                raise ArtifactError(path, "no format_version attribute: not a slidemil patch file")
-            if int(version) > PATCH_FORMAT_VERSION:
-                raise ArtifactError(
-                    path,
-                    f"patch format {version} is newer than this slidemil reads "
-                    f"({PATCH_FORMAT_VERSION})",
-                    "upgrade slidemil",
-                )
-            coords = np.asarray(f["coords"][:], dtype=np.int64).reshape(-1, 2)
-            a = f.attrs
-            dims = read_attr(a, "slide_dimensions") or None
-            known = {
-                "format_version", "slidemil_version", "slide_id", "slide_path", "patch_size",
-                "patch_size_level0", "step", "read_level", "read_size", "target_downsample",
-                "target_mpp", "magnification", "slide_mpp", "slide_dimensions", "min_tissue",
-                "segmentation", "source_format",
-            }  # fmt: skip
-            return PatchSet(
-                coords=coords,
-                patch_size=int(read_attr(a, "patch_size")),
-                read_level=int(read_attr(a, "read_level")),
-                read_size=int(read_attr(a, "read_size")),
-                target_downsample=float(read_attr(a, "target_downsample")),
-                slide_id=str(read_attr(a, "slide_id", "")),
-                slide_path=read_attr(a, "slide_path"),
-                step=read_attr(a, "step"),
-                target_mpp=read_attr(a, "target_mpp"),
-                magnification=read_attr(a, "magnification"),
-                slide_mpp=read_attr(a, "slide_mpp"),
-                slide_dimensions=tuple(dims) if dims else None,
-                min_tissue=read_attr(a, "min_tissue"),
-                segmentation=read_attr(a, "segmentation"),
-                source_format=str(read_attr(a, "source_format", "slidemil")),
-                extra={k: read_attr(a, k) for k in a if k not in known},
-            )
+            if version is not None:
+                return _read_slidemil(path, f, version)
     except ArtifactError:
         raise
     except (OSError, KeyError, TypeError, ValueError) as e:
         raise ArtifactError(path, f"unreadable or truncated patch file: {e}") from e
+    # No format_version: a CLAM or TRIDENT file (imported here: that module imports this one).
+    from slidemil.formats.foreign_patches import read_foreign_patch_file
+
+    return read_foreign_patch_file(path, slide)
+
+
+def _read_slidemil(path: Path, f: h5py.File, version: Any) -> PatchSet:
+    if int(version) > PATCH_FORMAT_VERSION:
+        raise ArtifactError(
+            path,
+            f"patch format {version} is newer than this slidemil reads ({PATCH_FORMAT_VERSION})",
+            "upgrade slidemil",
+        )
+    coords = np.asarray(f["coords"][:], dtype=np.int64).reshape(-1, 2)
+    a = f.attrs
+    dims = read_attr(a, "slide_dimensions") or None
+    known = {
+        "format_version",
+        "slidemil_version",
+        "slide_id",
+        "slide_path",
+        "patch_size",
+        "patch_size_level0",
+        "step",
+        "read_level",
+        "read_size",
+        "target_downsample",
+        "target_mpp",
+        "magnification",
+        "slide_mpp",
+        "slide_dimensions",
+        "min_tissue",
+        "segmentation",
+        "source_format",
+    }
+    return PatchSet(
+        coords=coords,
+        patch_size=int(read_attr(a, "patch_size")),
+        read_level=int(read_attr(a, "read_level")),
+        read_size=int(read_attr(a, "read_size")),
+        target_downsample=float(read_attr(a, "target_downsample")),
+        slide_id=str(read_attr(a, "slide_id", "")),
+        slide_path=read_attr(a, "slide_path"),
+        step=read_attr(a, "step"),
+        target_mpp=read_attr(a, "target_mpp"),
+        magnification=read_attr(a, "magnification"),
+        slide_mpp=read_attr(a, "slide_mpp"),
+        slide_dimensions=tuple(dims) if dims else None,
+        min_tissue=read_attr(a, "min_tissue"),
+        segmentation=read_attr(a, "segmentation"),
+        source_format=str(read_attr(a, "source_format", "slidemil")),
+        extra={k: read_attr(a, k) for k in a if k not in known},
+    )
 
 
 def is_complete_patch_file(path: str | Path) -> bool:
     """True when ``path`` is a readable slidemil patch file (a truncated one is redone)."""
     try:
-        read_patch_file(path)
+        patches = read_patch_file(path)
     except ArtifactError:
         return False
-    return True
+    return patches.source_format == "slidemil"

@@ -148,9 +148,14 @@ def synth(out: str | Path, config: SynthConfig | None = None, **options) -> Coho
         return Path(task.path).is_file() and (out / "truth" / f"{task.slide_id}.json").is_file()
 
     run_per_slide(
-        "synth", tasks, write_slide, out_dir=out, is_done=is_done,
-        workers=config.workers, quiet=config.quiet,
-    )  # fmt: skip
+        "synth",
+        tasks,
+        write_slide,
+        out_dir=out,
+        is_done=is_done,
+        workers=config.workers,
+        quiet=config.quiet,
+    )
     frame = pd.DataFrame(
         {
             "slide_id": [p.slide_id for p in plans],

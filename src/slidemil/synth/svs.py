@@ -61,9 +61,14 @@ def write_svs(
     path = Path(path)
     downsamples = pyramid_downsamples(width, height)
     now = time.gmtime()
-    fields = {"AppMag": magnification, "MPP": mpp, "Filename": slide_name,
-              "Date": time.strftime("%m/%d/%y", now), "Time": time.strftime("%H:%M:%S", now),
-              "ScanScope ID": "SLIDEMIL-SYNTH"}  # fmt: skip
+    fields = {
+        "AppMag": magnification,
+        "MPP": mpp,
+        "Filename": slide_name,
+        "Date": time.strftime("%m/%d/%y", now),
+        "Time": time.strftime("%H:%M:%S", now),
+        "ScanScope ID": "SLIDEMIL-SYNTH",
+    }
     meta = "|".join(f"{k} = {v}" for k, v in fields.items() if v is not None)
     header = "Aperio Image Library v12.0.15 \r\n"
 

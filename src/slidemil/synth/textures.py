@@ -94,9 +94,13 @@ def texture(style: TissueStyle, mpp: float, seed: int = 0) -> np.ndarray:
     _draw_nuclei(image, style, period, mpp, rng)
     if style.granule_color is not None and style.granules_per_mm2 > 0:
         granules = TissueStyle(
-            "granules", style.background, 0, style.granule_color, (1.6, 1.2),
+            "granules",
+            style.background,
+            0,
+            style.granule_color,
+            (1.6, 1.2),
             style.granules_per_mm2,
-        )  # fmt: skip
+        )
         _draw_nuclei(image, granules, period, mpp, rng)
     return image
 
@@ -166,8 +170,14 @@ def _draw_nuclei(image: np.ndarray, style: TissueStyle, period: int, mpp: float,
                         image,
                         (round(x * 2**shift), round(y * 2**shift)),
                         (round(a * 2**shift), round(b * 2**shift)),
-                        angle, 0, 360, tone, -1, cv2.LINE_AA, shift,
-                    )  # fmt: skip
+                        angle,
+                        0,
+                        360,
+                        tone,
+                        -1,
+                        cv2.LINE_AA,
+                        shift,
+                    )
 
 
 def _arrange(arrangement: str, count: int, period: int, mpp: float, rng) -> np.ndarray:

@@ -1,0 +1,136 @@
+"""The synthetic cohort: real SVS files, ground truth, cohort.csv, determinism."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from slidemil.cli import app
+from slidemil.cli import commands as _commands  # noqa: F401  (registers the commands)
+from slidemil.cohort import load_cohort
+from slidemil.config import build
+from slidemil.errors import ConfigError
+from slidemil.slide import Slide
+from slidemil.synth import SynthConfig, load_truth, plan_cohort, synth
+from slidemil.synth.scene import LABEL_LESION, LABEL_TISSUE
+
+
+def test_cohort_csv_lists_every_slide_with_patients(small_cohort):
+    cohort = load_cohort(small_cohort / "cohort.csv")
+    assert len(cohort) == 6
+    assert len(cohort.class_names) == 3
+    frame = pd.read_csv(small_cohort / "cohort.csv")
+    # every patient has a single diagnosis, and some have several slides
+    assert frame.groupby("patient_id")["label"].nunique().max() == 1
+    for record in cohort:
+        assert record.path.is_file()
+        assert (small_cohort / "truth" / f"{record.slide_id}.png").is_file()
+
+
+def test_lesions_are_a_minority_of_the_tissue(small_cohort):
+    for record in load_cohort(small_cohort / "cohort.csv"):
+        labels = load_truth(small_cohort, record.slide_id).label_map(8)
+        tissue = np.isin(labels, (LABEL_TISSUE, LABEL_LESION)).sum()
+        lesion = (labels == LABEL_LESION).sum()
+        assert tissue > 0.15 * labels.size
+        assert 0 < lesion < 0.3 * tissue
+
+
+def test_truth_png_matches_scene(small_cohort):
+    scene = load_truth(small_cohort, "slide_0001")
+    png = cv2.imread(str(small_cohort / "truth" / "slide_0001.png"), cv2.IMREAD_GRAYSCALE)
+    labels = scene.label_map(max(scene.width, scene.height) / max(png.shape))
+    assert png.shape == labels.shape
+    assert ((png == 255) == (labels == LABEL_LESION)).mean() > 0.999
+
+
+def test_pyramid_levels_agree_with_level_zero(small_cohort):
+    with Slide(small_cohort / "slides" / "slide_0002.svs") as slide:
+        level1 = slide.read_level(1).astype(float)
+        level0 = slide.read_level(0)
+        shrunk = cv2.resize(level0, level1.shape[1::-1], interpolation=cv2.INTER_AREA)
+    assert np.abs(level1 - shrunk).mean() < 10
+
+
+def test_same_seed_gives_the_same_cohort(tmp_path):
+    config = SynthConfig(slides=4, classes=2, size=1024, seed=11)
+    assert plan_cohort(config) == plan_cohort(config)
+    synth(tmp_path / "a", config)
+    synth(tmp_path / "b", config)
+    a = (tmp_path / "a" / "slides" / "slide_0000.svs").read_bytes()
+    b = (tmp_path / "b" / "slides" / "slide_0000.svs").read_bytes()
+    # identical but for the scan date/time in the description
+    assert len(a) == len(b)
+    assert sum(x != y for x, y in zip(a, b, strict=True)) < 64
+
+
+def test_imbalance_and_mixed_resolution(tmp_path):
+    plans = plan_cohort(SynthConfig(slides=30, classes=3, imbalance=4, mpp=[0.25, 0.5], seed=1))
+    counts = np.bincount([p.class_index for p in plans], minlength=3)
+    assert counts.sum() == 30 and counts[0] > 2 * counts[2] >= 2
+    assert {p.mpp for p in plans} == {0.25, 0.5}
+    for p in plans:  # same physical width whatever the resolution
+        assert p.width * p.mpp == pytest.approx(4096 * 0.5, abs=1)
+
+
+def test_rerun_skips_and_other_options_are_refused(tmp_path):
+    synth(tmp_path, slides=2, classes=2, size=512, quiet=True)
+    path = tmp_path / "slides" / "slide_0000.svs"
+    before = path.stat().st_mtime_ns
+    synth(tmp_path, slides=2, classes=2, size=512, quiet=True, workers=2)
+    assert path.stat().st_mtime_ns == before
+    with pytest.raises(ConfigError, match="size"):
+        synth(tmp_path, slides=2, classes=2, size=640, quiet=True)
+
+
+def test_config_validation_names_the_problem(tmp_path):
+    with pytest.raises(ConfigError, match="cannot cover"):
+        build(SynthConfig, section="synth", overrides={"slides": 2, "classes": 3})
+    config_file = tmp_path / "exp.yaml"
+    config_file.write_text("synth:\n  slides: 4\n  colour: red\n")
+    with pytest.raises(ConfigError, match="unknown option 'colour' in synth"):
+        build(SynthConfig, section="synth", config_file=config_file)
+    config_file.write_text("synthetic:\n  slides: 4\n")
+    with pytest.raises(ConfigError, match="unknown section"):
+        build(SynthConfig, section="synth", config_file=config_file)
+
+
+def test_cli_writes_a_cohort_and_yaml_config_applies(tmp_path):
+    config_file = tmp_path / "exp.yaml"
+    config_file.write_text("synth:\n  slides: 3\n  classes: 2\n  size: 512\n")
+    args = ["synth", "--out", str(tmp_path / "c"), "--config", str(config_file)]
+    result = CliRunner().invoke(app, [*args, "--slides", "2", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert len(load_cohort(tmp_path / "c" / "cohort.csv")) == 2  # the flag wins over the file
+    bad = CliRunner().invoke(app, ["synth", "--out", str(tmp_path / "d"), "--classes", "1"])
+    assert bad.exit_code != 0
+
+
+@pytest.mark.slow
+def test_memory_stays_bounded_as_slides_grow(tmp_path):
+    """Peak RSS of writing a 4x larger slide grows by far less than its pixels would take."""
+    script = (
+        "import resource, sys\n"
+        "from slidemil.synth import synth\n"
+        "synth(sys.argv[1], slides=2, classes=2, size=int(sys.argv[2]), quiet=True)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+
+    def peak_kb(size: int) -> int:
+        out = subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path / str(size)), str(size)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        return int(out.stdout.strip().splitlines()[-1])
+
+    small, large = peak_kb(2048), peak_kb(16384)
+    large_pixels_kb = 16384 * 16384 * 0.65 * 3 / 1024  # >= 510 MB of RGB per slide
+    assert large - small < 0.25 * large_pixels_kb
