@@ -9,7 +9,7 @@ import pytest
 
 from slidemil.errors import MissingMppError, SlideOpenError, SlideReadError
 from slidemil.slide import Slide
-from slidemil.synth import SlideScene, load_truth, write_svs
+from slidemil.synth import SlideScene, load_truth, write_pyramid
 
 
 def _slide_path(cohort_dir, index=0):
@@ -90,7 +90,7 @@ def _flat(x0, y0, w, h, ds):
 
 
 def test_missing_mpp_is_a_clear_error_and_override_works(tmp_path):
-    path = write_svs(tmp_path / "nompp.svs", 600, 400, _flat, mpp=None)
+    path = write_pyramid(tmp_path / "nompp.svs", 600, 400, _flat, mpp=None)
     with Slide(path) as slide:
         assert slide.vendor == "aperio"
         with pytest.raises(MissingMppError) as info:
@@ -102,7 +102,7 @@ def test_missing_mpp_is_a_clear_error_and_override_works(tmp_path):
 
 
 def test_generic_tiff_takes_mpp_from_resolution_tags(tmp_path):
-    path = write_svs(tmp_path / "generic.tif", 700, 500, _flat, mpp=0.5, vendor="generic")
+    path = write_pyramid(tmp_path / "generic.tif", 700, 500, _flat, mpp=0.5, vendor="generic")
     with Slide(path) as slide:
         assert slide.vendor == "generic-tiff"
         assert slide.mpp == pytest.approx(0.5, rel=1e-3)

@@ -30,7 +30,7 @@ class StageConfig(BaseModel):
         """A field's description with its default, for ``--help`` (kept in one place)."""
         info = cls.model_fields[name]
         default = info.default
-        shown = "" if default is None else f" [default: {_show(default)}]"
+        shown = "" if default is None else f" (default: {_show(default)})"
         return f"{info.description or ''}{shown}"
 
 

@@ -1,1 +1,47 @@
-"""``slidemil extract``: being written (this module registers the command on the app)."""
+"""``slidemil extract``: encode every patch of a work folder with a registered encoder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from slidemil.cli.app import app, friendly_errors
+from slidemil.extraction.run import ExtractConfig
+
+H = ExtractConfig.field_help
+
+
+@app.command()
+@friendly_errors
+def extract(
+    work: Path = typer.Argument(
+        ..., help="Work folder made by `slidemil patch` (cohort.csv, patches/)."
+    ),
+    encoder: str = typer.Option(None, "--encoder", "-e", help=H("encoder")),
+    weights: str = typer.Option(None, help=H("weights")),
+    device: str = typer.Option(None, help=H("device")),
+    batch_size: int = typer.Option(None, help=H("batch_size")),
+    workers: int = typer.Option(None, "--workers", "-j", help=H("workers")),
+    prefetch: int = typer.Option(None, help=H("prefetch")),
+    dtype: str = typer.Option(None, help=H("dtype")),
+    precision: str = typer.Option(None, help=H("precision")),
+    features_name: str = typer.Option(None, help=H("features_name")),
+    shard: str = typer.Option(None, help=H("shard")),
+    quiet: bool = typer.Option(None, "--quiet/--progress", help=H("quiet")),
+    config: Path = typer.Option(None, "--config", help="YAML file; its 'extract' section."),
+) -> None:
+    """Encode the patches of every slide into features/<encoder>/<slide_id>.h5 (resumable;
+    under torchrun each rank takes its own slides and GPU)."""
+    from slidemil.config import build
+    from slidemil.extraction import extract as run_extract
+
+    options = dict(
+        encoder=encoder, weights=weights, device=device, batch_size=batch_size, workers=workers,
+        prefetch=prefetch, dtype=dtype, precision=precision, features_name=features_name,
+        shard=shard, quiet=quiet,
+    )  # fmt: skip
+    resolved = build(ExtractConfig, section="extract", config_file=config, overrides=options)
+    summary = run_extract(work, resolved)
+    if summary.failed:
+        typer.echo(f"{len(summary.failed)} slide(s) failed: see failures.csv", err=True)

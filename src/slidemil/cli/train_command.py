@@ -1,1 +1,77 @@
-"""``slidemil train``: being written (this module registers the command on the app)."""
+"""``slidemil train``: train MIL models on extracted features (torchrun for several GPUs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from slidemil.cli.app import app, friendly_errors, parse_floats
+from slidemil.training.config import TrainConfig
+
+H = TrainConfig.field_help
+
+
+@app.command()
+@friendly_errors
+def train(
+    work: Path = typer.Argument(..., help="Work folder with cohort.csv and features/<encoder>/."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder (e.g. runs/exp1)."),
+    model: str = typer.Option(None, help=H("model")),
+    encoder: str = typer.Option(None, help=H("encoder")),
+    hidden_dim: int = typer.Option(None, help=H("hidden_dim")),
+    attention_dim: int = typer.Option(None, help=H("attention_dim")),
+    dropout: float = typer.Option(None, help=H("dropout")),
+    folds: int = typer.Option(None, help=H("folds")),
+    fold: int = typer.Option(None, help=H("fold")),
+    split_fractions: str = typer.Option(
+        None, help=H("split_fractions") + " (comma-separated, e.g. 0.7,0.15,0.15)"
+    ),
+    val_fraction: float = typer.Option(None, help=H("val_fraction")),
+    epochs: int = typer.Option(None, help=H("epochs")),
+    batch_size: int = typer.Option(None, help=H("batch_size")),
+    max_patches: int = typer.Option(None, help=H("max_patches")),
+    lr: float = typer.Option(None, help=H("lr")),
+    weight_decay: float = typer.Option(None, help=H("weight_decay")),
+    schedule: str = typer.Option(None, help=H("schedule")),
+    warmup_epochs: int = typer.Option(None, help=H("warmup_epochs")),
+    grad_clip: float = typer.Option(None, help=H("grad_clip")),
+    class_weights: bool = typer.Option(
+        None, "--class-weights/--no-class-weights", help=H("class_weights")
+    ),
+    standardize: bool = typer.Option(None, "--standardize/--no-standardize", help=H("standardize")),
+    monitor: str = typer.Option(None, help=H("monitor")),
+    patience: int = typer.Option(None, help=H("patience")),
+    seed: int = typer.Option(None, help=H("seed")),
+    device: str = typer.Option(None, help=H("device")),
+    amp: bool = typer.Option(None, "--amp/--no-amp", help=H("amp")),
+    cache: bool = typer.Option(None, "--cache/--no-cache", help=H("cache")),
+    cache_limit_gb: float = typer.Option(None, help=H("cache_limit_gb")),
+    workers: int = typer.Option(None, "--workers", "-j", help=H("workers")),
+    epoch_budget: int = typer.Option(None, help=H("epoch_budget")),
+    quiet: bool = typer.Option(None, "--quiet/--progress", help=H("quiet")),
+    config: Path = typer.Option(None, "--config", help="YAML file; its 'train' section."),
+) -> None:
+    """Train attention-MIL models on feature bags: patient-level splits or K-fold CV, early
+    stopping, checkpoints that resume a killed run, test predictions and metrics per fold."""
+    from slidemil.config import build
+    from slidemil.training import train as run_train
+
+    fractions = parse_floats(split_fractions)
+    options = dict(
+        model=model, encoder=encoder, hidden_dim=hidden_dim, attention_dim=attention_dim,
+        dropout=dropout, folds=folds, fold=fold,
+        split_fractions=None if fractions is None else tuple(fractions),
+        val_fraction=val_fraction, epochs=epochs, batch_size=batch_size, max_patches=max_patches,
+        lr=lr, weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs,
+        grad_clip=grad_clip, class_weights=class_weights, standardize=standardize,
+        monitor=monitor, patience=patience, seed=seed, device=device, amp=amp, cache=cache,
+        cache_limit_gb=cache_limit_gb, workers=workers, epoch_budget=epoch_budget, quiet=quiet,
+    )  # fmt: skip
+    resolved = build(TrainConfig, section="train", config_file=config, overrides=options)
+    result = run_train(work, out, resolved)
+    finished = [k for k, metrics in result.folds.items() if metrics is not None]
+    if result.folds and len(finished) < len(result.folds):
+        typer.echo(f"stopped by --epoch-budget; rerun the same command to resume -> {out}")
+    else:
+        typer.echo(f"{len(finished)} fold(s) trained -> {out}")

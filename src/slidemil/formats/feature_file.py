@@ -100,10 +100,17 @@ def read_feature_attrs(path: str | Path) -> dict[str, Any]:
 
 
 def read_feature_file(path: str | Path, *, dtype: np.dtype | None = np.float32) -> FeatureBag:
-    """Read a slidemil feature file into memory (``dtype=None`` keeps the stored dtype)."""
+    """Read a feature file into memory (``dtype=None`` keeps the stored dtype).
+
+    CLAM (``.h5`` / ``.pt``) and TRIDENT files are read too; ``attrs["source_format"]`` says which.
+    """
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(path, "feature file not found")
+    if _is_foreign(path):
+        from slidemil.formats.foreign_features import read_foreign_feature_file
+
+        return read_foreign_feature_file(path, dtype=dtype)
     try:
         with h5py.File(path, "r") as f:
             if "features" not in f:
@@ -127,6 +134,17 @@ def read_feature_file(path: str | Path, *, dtype: np.dtype | None = np.float32) 
     if dtype is not None:
         features = features.astype(dtype, copy=False)
     return FeatureBag(features, coords, attrs)
+
+
+def _is_foreign(path: Path) -> bool:
+    """CLAM ``.pt`` tensors and HDF5 files without slidemil's ``format_version`` (CLAM, TRIDENT)."""
+    if path.suffix == ".pt":
+        return True
+    try:
+        with h5py.File(path, "r") as f:
+            return "format_version" not in f.attrs
+    except OSError:
+        return False  # the slidemil reader reports the truncated file
 
 
 def is_complete_feature_file(path: str | Path, encoder: str | None = None) -> bool:

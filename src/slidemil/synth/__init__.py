@@ -1,8 +1,8 @@
 """Synthetic cohorts of real Aperio SVS slides with known lesions, for demos, tests, benchmarks."""
 
+from slidemil.formats.pyramid_tiff import write_pyramid
 from slidemil.synth.cohort import SynthConfig, class_names, load_truth, plan_cohort, synth
 from slidemil.synth.scene import SlideScene, make_scene
-from slidemil.synth.svs import write_svs
 
 __all__ = [
     "SlideScene",
@@ -12,5 +12,5 @@ __all__ = [
     "make_scene",
     "plan_cohort",
     "synth",
-    "write_svs",
+    "write_pyramid",
 ]

@@ -22,9 +22,9 @@ from slidemil import atomic
 from slidemil.cohort import Cohort, load_cohort
 from slidemil.config import StageConfig, build, read_yaml, write_resolved
 from slidemil.errors import ConfigError
+from slidemil.formats.pyramid_tiff import write_pyramid
 from slidemil.runner import Task, run_per_slide
 from slidemil.synth.scene import LABEL_LESION, LABEL_TISSUE, SlideScene, make_scene
-from slidemil.synth.svs import write_svs
 from slidemil.synth.textures import lesion_style
 
 REFERENCE_MPP = 0.5  # --size is measured in px at this resolution
@@ -193,7 +193,7 @@ def write_slide(slide_id: str, plan: SlidePlan, out: str, quality: int) -> str:
     rng = np.random.default_rng(plan.seed)
     scene = make_scene(rng, plan.width, plan.height, plan.mpp, plan.class_index)
     magnification = round(10.0 / plan.mpp)
-    path = write_svs(
+    path = write_pyramid(
         out_dir / "slides" / f"{slide_id}.svs",
         plan.width,
         plan.height,

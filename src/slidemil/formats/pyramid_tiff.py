@@ -1,4 +1,4 @@
-"""Write real pyramidal, tiled, JPEG-compressed Aperio SVS files, tile by tile.
+"""Write real pyramidal, tiled, JPEG-compressed slides (Aperio SVS or generic TIFF), tile by tile.
 
 The layout follows Aperio's: a tiled full-resolution image whose ImageDescription starts with
 ``Aperio`` and carries ``AppMag`` and ``MPP``; a small stripped thumbnail as the second image;
@@ -34,7 +34,7 @@ def pyramid_downsamples(width: int, height: int) -> list[int]:
     return downsamples
 
 
-def write_svs(
+def write_pyramid(
     path: str | Path,
     width: int,
     height: int,

@@ -1,0 +1,109 @@
+"""Attention files: ``attention/<slide_id>.h5``, where in a slide a model looked.
+
+Layout (``format_version`` 1)::
+
+    /coords          int64 (N, 2)    level-0 top-left x, y of each patch
+    /attention       float32 (N, F)  attention weights, softmax-normalised over the bag, per model
+                                     (F = 1 for one model, one column per fold for an ensemble)
+    /attention_raw   float32 (N, F)  the scores before the softmax (comparable across slides)
+    root attrs:
+        format_version, slidemil_version, slide_id, slide_path
+        models              JSON list naming each column (e.g. ["fold_0", "fold_1"])
+        class_names         JSON list
+        probabilities       JSON list, the (ensembled) class probabilities of the slide
+        predicted           predicted class name
+        patch_size_level0   footprint of a patch in level-0 px (float)
+        patch_size, read_level, target_downsample, step, slide_mpp, slide_dimensions
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from slidemil.atomic import atomic_path
+from slidemil.errors import ArtifactError
+from slidemil.formats.h5 import provenance, read_attr, write_attrs
+
+ATTENTION_FORMAT_VERSION = 1
+
+
+@dataclass
+class AttentionMap:
+    """A slide's patch coordinates, attention per model and the prediction they led to."""
+
+    coords: np.ndarray  # int64 (N, 2)
+    attention: np.ndarray  # float32 (N, F), normalised
+    attention_raw: np.ndarray  # float32 (N, F)
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.coords.shape[0])
+
+    @property
+    def patch_size_level0(self) -> float:
+        return float(self.attrs["patch_size_level0"])
+
+    def mean_attention(self) -> np.ndarray:
+        """(N,) attention averaged over models (each column sums to 1, so the mean does too)."""
+        return self.attention.mean(axis=1)
+
+
+def write_attention_file(path: str | Path, attention: AttentionMap) -> Path:
+    path = Path(path)
+    coords = np.asarray(attention.coords, np.int64).reshape(-1, 2)
+    normalised = _as_columns(attention.attention, len(coords), "attention")
+    raw = _as_columns(attention.attention_raw, len(coords), "attention_raw")
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("coords", data=coords)
+        f.create_dataset("attention", data=normalised)
+        f.create_dataset("attention_raw", data=raw)
+        write_attrs(
+            f.attrs,
+            {"format_version": ATTENTION_FORMAT_VERSION, **provenance(), **attention.attrs},
+        )
+    return path
+
+
+def _as_columns(values: np.ndarray, rows: int, name: str) -> np.ndarray:
+    values = np.asarray(values, np.float32)
+    if values.ndim == 1:
+        values = values[:, None]
+    if values.ndim != 2 or values.shape[0] != rows:
+        raise ValueError(f"{name} must be (N,) or (N, F) with N={rows}, got {values.shape}")
+    return values
+
+
+def read_attention_file(path: str | Path) -> AttentionMap:
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(path, "attention file not found")
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in ("coords", "attention") if k not in f]
+            if missing:
+                raise ArtifactError(path, f"no {', '.join(missing)} dataset: not an attention file")
+            coords = np.asarray(f["coords"][:], np.int64).reshape(-1, 2)
+            attention = _as_columns(f["attention"][:], len(coords), "attention")
+            raw = f["attention_raw"][:] if "attention_raw" in f else attention
+            raw = _as_columns(raw, len(coords), "attention_raw")
+            attrs = {k: read_attr(f.attrs, k) for k in f.attrs}
+    except ArtifactError:
+        raise
+    except (OSError, KeyError, ValueError) as e:
+        raise ArtifactError(path, f"unreadable or truncated attention file: {e}") from e
+    if "patch_size_level0" not in attrs:
+        raise ArtifactError(path, "no patch_size_level0 attribute: cannot place patches")
+    return AttentionMap(coords, attention, raw, attrs)
+
+
+def is_complete_attention_file(path: str | Path) -> bool:
+    try:
+        read_attention_file(path)
+    except ArtifactError:
+        return False
+    return True

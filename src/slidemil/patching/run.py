@@ -1,0 +1,275 @@
+"""``slidemil patch``: tissue and patch coordinates for every slide of a cohort.
+
+Outputs under the work folder::
+
+    cohort.csv                  the validated manifest (absolute paths)
+    patch_config.yaml           the resolved options of the run
+    patches/<slide_id>.h5       patch coordinates (see slidemil.formats.patch_file)
+    patches/failures.csv        one row per slide that failed, with the reason
+    previews/<slide_id>.png     thumbnail with tissue outlines and the patch grid
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+from pydantic import Field, model_validator
+
+from slidemil.cohort import SlideRecord, load_cohort
+from slidemil.config import StageConfig, build, read_yaml, write_resolved
+from slidemil.errors import ConfigError, NoTissueError
+from slidemil.formats.patch_file import PatchSet, is_complete_patch_file, write_patch_file
+from slidemil.patching.grid import select_patches
+from slidemil.patching.preview import draw_preview, write_preview
+from slidemil.runner import RunSummary, Shard, Task, run_per_slide
+from slidemil.slide import Slide
+from slidemil.tissue.segmentation import TissueMask, TissueParams, segment_tissue
+from slidemil.tissue.segmentation import segmentation_level as nearest_level
+from slidemil.tissue.user_masks import load_user_mask
+
+CONFIG_NAME = "patch_config.yaml"
+DEFAULT_MPP = 0.5
+# A level whose longer side exceeds the target this many times is shrunk through a thumbnail.
+MAX_SEGMENTATION_OVERSIZE = 4
+# Options that only change how the run goes, not its result.
+RUN_ONLY_OPTIONS = frozenset({"workers", "quiet", "shard", "overwrite", "previews"})
+
+
+class PatchConfig(StageConfig):
+    """Options of ``slidemil patch`` (the ``patch:`` section of a config file)."""
+
+    mpp: float | None = Field(
+        None, gt=0, description="patch resolution in µm/px (0.5 if neither this nor magnification)"
+    )
+    magnification: float | None = Field(
+        None, gt=0, description="patch resolution as objective magnification, e.g. 20"
+    )
+    patch_size: int = Field(256, ge=8, description="patch side in px at the patch resolution")
+    step: int | None = Field(
+        None, ge=1, description="px between patch origins at the patch resolution (overlap if < "
+        "patch size) [default: patch size]",
+    )  # fmt: skip
+    min_tissue: float = Field(
+        0.5, ge=0.0, le=1.0, description="tissue fraction a patch needs to be kept"
+    )
+    slide_mpp: float | None = Field(
+        None, gt=0, description="level-0 µm/px for slides without it (a cohort 'slide_mpp' wins)"
+    )
+    seg_size: int = Field(
+        2048, ge=128, description="longer side in px of the image tissue is segmented on"
+    )
+    sthresh: int = Field(8, ge=0, le=255, description="saturation threshold (0-255)")
+    sthresh_up: int = Field(255, ge=1, le=255, description="value of tissue in the threshold")
+    mthresh: int = Field(7, ge=1, description="median blur kernel (px at the segmentation size)")
+    close: int = Field(4, ge=0, description="closing kernel (px at the segmentation size), 0: off")
+    use_otsu: bool = Field(False, description="Otsu threshold (never below sthresh)")
+    min_tissue_area_um2: float = Field(
+        10_000.0, ge=0, description="smallest tissue piece kept, net of holes, in µm² (CLAM a_t)"
+    )
+    min_hole_area_um2: float = Field(
+        2_000.0, ge=0, description="smallest hole kept out of the tissue, in µm² (CLAM a_h)"
+    )
+    max_n_holes: int = Field(8, ge=0, description="most holes per tissue piece")
+    previews: bool = Field(True, description="write previews/<slide_id>.png")
+    workers: int = Field(
+        default_factory=lambda: os.cpu_count() or 1, ge=1, description="slides patched in parallel"
+    )
+    shard: str | None = Field(None, description="only shard i/n of the slides (0-based), e.g. 0/4")
+    overwrite: bool = Field(False, description="redo every slide, even with other options")
+    quiet: bool = Field(False, description="no progress bar")
+
+    @model_validator(mode="after")
+    def _one_resolution(self) -> PatchConfig:
+        if self.mpp is not None and self.magnification is not None:
+            raise ValueError("give mpp or magnification, not both")
+        if self.shard is not None:
+            Shard.parse(self.shard)
+        return self
+
+    @property
+    def tissue_params(self) -> TissueParams:
+        names = TissueParams.__dataclass_fields__
+        return TissueParams(**{name: getattr(self, name) for name in names})
+
+    def result_options(self) -> dict[str, Any]:
+        """The options that change the patch files (compared against an existing work folder)."""
+        values = self.model_dump(mode="json", exclude=set(RUN_ONLY_OPTIONS))
+        if values["mpp"] is None and values["magnification"] is None:
+            values["mpp"] = DEFAULT_MPP
+        return values
+
+
+@dataclass
+class PatchSummary:
+    """What :func:`patch` did: the runner's summary and the patch count of every finished slide."""
+
+    run: RunSummary
+    patch_counts: dict[str, int] = field(default_factory=dict)
+    out: Path | None = None
+
+    @property
+    def failed(self) -> dict[str, str]:
+        return self.run.failed
+
+    def line(self) -> str:
+        total = sum(self.patch_counts.values())
+        return f"{self.run.line()}; {total} patches in {len(self.patch_counts)} slides"
+
+
+def patch(
+    cohort_csv: str | Path,
+    out: str | Path,
+    config: PatchConfig | None = None,
+    *,
+    config_file: str | Path | None = None,
+    **options: Any,
+) -> PatchSummary:
+    """Segment tissue and write patch coordinates for every slide of ``cohort_csv`` under ``out``.
+
+    Options are :class:`PatchConfig` fields, e.g. ``patch("cohort.csv", "work", mpp=0.5)``.
+    Slides whose patch file is complete are skipped; a failing slide is recorded in
+    ``out/patches/failures.csv`` and the others go on.
+    """
+    if config is None:
+        config = build(PatchConfig, section="patch", config_file=config_file, overrides=options)
+    out = Path(out)
+    cohort = load_cohort(cohort_csv, require_labels=False)
+    _check_same_options(out, config)
+    out.mkdir(parents=True, exist_ok=True)
+    cohort.save(out / "cohort.csv")
+    write_resolved(out / CONFIG_NAME, {"patch": config})
+
+    records = Shard.parse(config.shard).select(list(cohort))
+    patch_dir = out / "patches"
+    tasks = [_task(record, out, config) for record in records]
+
+    def is_done(task: Task) -> bool:
+        return not config.overwrite and is_complete_patch_file(_patch_path(out, task.slide_id))
+
+    summary = run_per_slide(
+        "patch", tasks, patch_slide, out_dir=patch_dir, is_done=is_done,
+        workers=config.workers, quiet=config.quiet,
+    )  # fmt: skip
+    counts = {sid: int(n) for sid, n in summary.results.items()}
+    for slide_id in summary.skipped:
+        counts[slide_id] = _count_patches(_patch_path(out, slide_id))
+    return PatchSummary(summary, counts, out)
+
+
+def _task(record: SlideRecord, out: Path, config: PatchConfig) -> Task:
+    slide_mpp = record.slide_mpp if record.slide_mpp is not None else config.slide_mpp
+    mask = None if record.mask_path is None else str(record.mask_path)
+    return Task(
+        record.slide_id, str(record.path), (str(record.path), mask, slide_mpp, config, str(out))
+    )
+
+
+def _patch_path(out: Path, slide_id: str) -> Path:
+    return out / "patches" / f"{slide_id}.h5"
+
+
+def _count_patches(path: Path) -> int:
+    with h5py.File(path, "r") as f:
+        return int(f["coords"].shape[0])
+
+
+def _check_same_options(out: Path, config: PatchConfig) -> None:
+    """Refuse to mix patch files made with other options in one work folder."""
+    record = out / CONFIG_NAME
+    if config.overwrite or not record.is_file():
+        return
+    previous = read_yaml(record).get("patch") or {}
+    try:
+        previous_options = PatchConfig(**previous).result_options()
+    except ValueError:
+        previous_options = previous
+    current = config.result_options()
+    changed = sorted(k for k in current if previous_options.get(k) != current[k])
+    if changed:
+        shown = ", ".join(f"{k}: {previous_options.get(k)} -> {current[k]}" for k in changed)
+        raise ConfigError(
+            record,
+            f"this work folder was patched with other options ({shown})",
+            "use a new --out folder, the same options, or --overwrite to redo every slide",
+        )
+
+
+def patch_slide(
+    slide_id: str,
+    slide_path: str,
+    mask_path: str | None,
+    slide_mpp: float | None,
+    config: PatchConfig,
+    out: str,
+) -> int:
+    """Patch one slide: tissue, grid, patch file and preview. Returns the number of patches.
+
+    Top-level so the runner's process pool can pickle it.
+    """
+    out_dir = Path(out)
+    with Slide(slide_path, mpp_override=slide_mpp) as slide:
+        level0_mpp = slide.mpp  # MissingMppError here, before any work
+        if config.magnification is not None:
+            target_mpp = slide.mpp_for_magnification(config.magnification)
+        else:
+            target_mpp = config.mpp if config.mpp is not None else DEFAULT_MPP
+        plan = slide.plan_for_mpp(target_mpp)
+        patch_size_level0 = config.patch_size * plan.target_downsample
+        step = config.step or config.patch_size
+        if mask_path is not None:
+            tissue = load_user_mask(mask_path, slide.dimensions, config.seg_size)
+            segmentation: dict[str, Any] = {"mask_path": mask_path}
+        else:
+            tissue, image_downsample = _segment(slide, config)
+            segmentation = {**config.tissue_params.as_dict(), "downsample": image_downsample}
+        coords = select_patches(
+            tissue.mask, tissue.downsample, slide.dimensions, patch_size_level0,
+            step * plan.target_downsample, config.min_tissue,
+        )  # fmt: skip
+        if config.previews:
+            thumbnail, thumb_downsample = slide.thumbnail(1024)
+            image = draw_preview(thumbnail, thumb_downsample, tissue, coords, patch_size_level0)
+            write_preview(out_dir / "previews" / f"{slide_id}.png", image)
+        if len(coords) == 0:
+            where = "no tissue found" if not tissue.mask.any() else "no patch reached"
+            raise NoTissueError(
+                slide_path,
+                f"{where} (min_tissue {config.min_tissue}, tissue covers "
+                f"{tissue.tissue_fraction:.1%} of the slide)",
+                "check the preview; lower --min-tissue or --sthresh, or give a mask_path",
+            )
+        patches = PatchSet(
+            coords=coords,
+            patch_size=config.patch_size,
+            read_level=plan.level,
+            read_size=math.ceil(config.patch_size * plan.scale - 1e-9),
+            target_downsample=plan.target_downsample,
+            slide_id=slide_id,
+            slide_path=str(slide_path),
+            step=step,
+            target_mpp=target_mpp if config.magnification is None else None,
+            magnification=config.magnification,
+            slide_mpp=level0_mpp,
+            slide_dimensions=tuple(slide.dimensions),
+            min_tissue=config.min_tissue,
+            segmentation=segmentation,
+        )
+        write_patch_file(_patch_path(out_dir, slide_id), patches)
+    return len(coords)
+
+
+def _segment(slide: Slide, config: PatchConfig) -> tuple[TissueMask, float]:
+    """Segment at the level nearest ``seg_size`` (never a big level 0); returns its downsample."""
+    level = nearest_level(slide.level_dimensions, config.seg_size)
+    longer = max(slide.level_dimensions[level])
+    if longer > MAX_SEGMENTATION_OVERSIZE * config.seg_size:
+        image, downsample = slide.thumbnail(config.seg_size)
+    else:
+        image = slide.read_level(level)
+        downsample = slide.dimensions[0] / image.shape[1]
+    return segment_tissue(image, downsample, slide.mpp, config.tissue_params), downsample

@@ -1,0 +1,100 @@
+"""``TrainConfig``: every option of ``slidemil train`` (the ``train`` section of a YAML config)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from slidemil.config import StageConfig
+
+Monitor = Literal["balanced_accuracy", "loss", "auc", "macro_f1"]
+Schedule = Literal["cosine", "warmup-cosine", "plateau", "none"]
+
+# Options that may change between a killed run and its resumption without changing the result.
+RUNTIME_OPTIONS = frozenset(
+    {"fold", "quiet", "workers", "cache", "cache_limit_gb", "epoch_budget", "device", "amp"}
+)
+
+
+class TrainConfig(StageConfig):
+    # what to train
+    model: str = Field("abmil-gated", description="MIL model name (see slidemil.list_models())")
+    encoder: str | None = Field(
+        None,
+        description="feature folder under WORK/features/ (optional when there is only one)",
+    )
+    hidden_dim: int = Field(256, ge=1, description="hidden size of the model (projection + head)")
+    attention_dim: int = Field(128, ge=1, description="attention size (attention models)")
+    dropout: float = Field(0.25, ge=0.0, lt=1.0, description="dropout in projection and head")
+    # splits
+    folds: int = Field(1, ge=1, description="1: one train/val/test split; K>1: K-fold CV")
+    fold: int | None = Field(None, ge=0, description="train only this fold (0-based; SLURM arrays)")
+    split_fractions: tuple[float, float, float] = Field(
+        (0.7, 0.15, 0.15), description="train, val, test fractions of patients when folds=1"
+    )
+    val_fraction: float = Field(
+        0.2, gt=0.0, lt=1.0, description="with folds>1: share of each fold's training patients "
+        "held out for validation",
+    )  # fmt: skip
+    # optimisation
+    epochs: int = Field(50, ge=1, description="maximum number of epochs")
+    batch_size: int = Field(1, ge=1, description="bags per step (per process under torchrun)")
+    max_patches: int | None = Field(
+        512, ge=1, description="instances sampled per bag in training (all in val/test); "
+        "null: all",
+    )  # fmt: skip
+    lr: float = Field(2e-4, gt=0.0, description="AdamW learning rate")
+    weight_decay: float = Field(1e-4, ge=0.0, description="AdamW weight decay")
+    schedule: Schedule = Field("cosine", description="learning-rate schedule, stepped per epoch")
+    warmup_epochs: int = Field(2, ge=0, description="linear warmup epochs for warmup-cosine")
+    grad_clip: float | None = Field(
+        1.0, gt=0.0, description="clip the gradient norm to this; null: no clipping"
+    )
+    class_weights: bool = Field(
+        True, description="weight the loss by total / (n_classes × count) of the training split"
+    )
+    standardize: bool = Field(
+        True, description="standardise features with mean/std of the training split"
+    )
+    monitor: Monitor = Field("balanced_accuracy", description="validation metric that picks best")
+    patience: int | None = Field(
+        10, ge=1, description="stop after this many epochs without improvement; null: never"
+    )
+    seed: int = Field(0, description="random seed (splits, sampling, weights)")
+    # runtime
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    amp: bool = Field(True, description="mixed precision on CUDA (ignored on CPU)")
+    cache: bool | None = Field(
+        None, description="hold bags in RAM; null: when they fit in cache_limit_gb"
+    )
+    cache_limit_gb: float = Field(8.0, ge=0.0, description="RAM for cached bags (GiB)")
+    workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    epoch_budget: int | None = Field(
+        None, ge=1, description="stop after this many epochs in this invocation (resume later)"
+    )
+    quiet: bool = Field(False, description="no per-epoch progress")
+
+    @field_validator("split_fractions")
+    @classmethod
+    def _fractions(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(v < 0 for v in value) or abs(sum(value) - 1.0) > 1e-6:
+            raise ValueError("train, val and test fractions must be >= 0 and sum to 1")
+        if value[0] <= 0 or value[1] <= 0:
+            raise ValueError("the train and val fractions must be positive")
+        return value
+
+    @model_validator(mode="after")
+    def _fold_in_range(self) -> TrainConfig:
+        if self.fold is not None and self.fold >= self.folds:
+            raise ValueError(f"fold {self.fold} does not exist with folds={self.folds}")
+        return self
+
+    def model_kwargs(self, model_defaults: dict) -> dict:
+        """The options the chosen model accepts (hidden_dim, attention_dim, dropout)."""
+        options = {
+            "hidden_dim": self.hidden_dim,
+            "attention_dim": self.attention_dim,
+            "dropout": self.dropout,
+        }
+        return {k: v for k, v in options.items() if k in model_defaults}

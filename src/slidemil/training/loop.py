@@ -1,0 +1,154 @@
+"""The epoch loop's parts: loss weights, schedules, early stopping, one training epoch, inference.
+
+Schedules step once per epoch, so their state is an epoch count and resumes exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from slidemil.training.config import TrainConfig
+
+
+def class_weights(label_indices: list[int] | np.ndarray, n_classes: int) -> torch.Tensor:
+    """``total / (n_classes × count)`` per class (1 for a class absent from the labels)."""
+    counts = np.bincount(np.asarray(label_indices, dtype=int), minlength=n_classes)
+    total = counts.sum()
+    weights = np.where(counts > 0, total / (n_classes * np.maximum(counts, 1)), 1.0)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
+    """The learning-rate schedule named by ``config.schedule`` (stepped once per epoch)."""
+    epochs, warmup = config.epochs, config.warmup_epochs
+    if config.schedule == "plateau":
+        mode = "min" if config.monitor == "loss" else "max"
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode=mode, factor=0.5, patience=max(1, (config.patience or 10) // 2)
+        )
+
+    def factor(epoch: int) -> float:
+        if config.schedule == "none":
+            return 1.0
+        start = warmup if config.schedule == "warmup-cosine" else 0
+        if epoch < start:
+            return (epoch + 1) / (start + 1)
+        progress = (epoch - start) / max(1, epochs - start)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def step_scheduler(scheduler, val_metric: float) -> None:
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.step(val_metric)
+    else:
+        scheduler.step()
+
+
+@dataclass
+class EarlyStopping:
+    """Tracks the best value of the monitored metric; ``should_stop`` after ``patience`` epochs
+    without improvement (None: never)."""
+
+    higher_is_better: bool
+    patience: int | None
+    best: float = math.nan
+    best_epoch: int = -1
+    epochs_without_improvement: int = 0
+
+    def update(self, value: float, epoch: int) -> bool:
+        """Record this epoch's value; True when it is the new best."""
+        improved = not math.isnan(value) and (
+            math.isnan(self.best)
+            or (value > self.best if self.higher_is_better else value < self.best)
+        )
+        if improved or self.best_epoch < 0:
+            self.best, self.best_epoch = value, epoch
+            self.epochs_without_improvement = 0
+            return True
+        self.epochs_without_improvement += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience is not None and self.epochs_without_improvement >= self.patience
+
+
+def autocast(device: torch.device, enabled: bool):
+    """Mixed precision on CUDA only (CPU autocast is slower for these small layers)."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+    *,
+    amp: bool,
+    grad_clip: float | None,
+) -> tuple[float, int]:
+    """One pass over ``loader``; returns the mean loss per bag and the number of bags."""
+    model.train()
+    total, count = 0.0, 0
+    for features, mask, labels, _ in loader:
+        features = features.to(device, non_blocking=True)
+        mask = mask.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, amp):
+            logits, _ = model(features, mask)
+            loss = loss_fn(logits.float(), labels)
+        scaler.scale(loss).backward()
+        if grad_clip is not None:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        total += float(loss.detach()) * len(labels)
+        count += len(labels)
+    return total / max(count, 1), count
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, loader: DataLoader, device: torch.device, *, amp: bool
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Class probabilities (n, C), dataset indices (n,) and each bag's attention (its valid
+    instances only), over every bag of ``loader`` with all its instances."""
+    model.eval()
+    probabilities, indices, attention = [], [], []
+    for features, mask, _, index in loader:
+        with autocast(device, amp):
+            logits, weights = model(features.to(device), mask.to(device))
+        probabilities.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+        indices.append(index.numpy())
+        weights = weights.float().cpu()
+        attention.extend(w[m].numpy() for w, m in zip(weights, mask, strict=True))
+    return np.concatenate(probabilities), np.concatenate(indices), attention
+
+
+def mean_loss(
+    probabilities: np.ndarray, label_indices: np.ndarray, weights: torch.Tensor | None
+) -> float:
+    """(Class-weighted) cross-entropy of predicted probabilities, as the training loss has it."""
+    log_p = torch.log(torch.from_numpy(probabilities).double().clamp_min(1e-12))
+    return float(
+        nn.functional.nll_loss(
+            log_p,
+            torch.from_numpy(np.asarray(label_indices, dtype=np.int64)),
+            weight=None if weights is None else weights.double(),
+        )
+    )

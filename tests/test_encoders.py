@@ -1,0 +1,169 @@
+"""The encoder registry: every entry builds (or is described) correctly; weights load or fail
+with a message that says how to provide them."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from slidemil.encoders import get_encoder, get_encoder_spec, list_encoders, register_encoder
+from slidemil.encoders.registry import Transform, WeightsSource
+from slidemil.errors import MissingExtraError, RegistryError, WeightsError
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The test machine is shared: one thread avoids oversubscription and is several times faster.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _installed(extra: str | None) -> bool:
+    module = {"hub": "timm", None: None}.get(extra, extra)
+    return module is None or importlib.util.find_spec(module) is not None
+
+
+@pytest.mark.parametrize("name", list_encoders())
+def test_every_entry_is_complete_and_builds_with_declared_dim(name):
+    spec = get_encoder_spec(name)
+    assert spec.output_dim > 0
+    assert len(spec.transform.mean) == 3 and len(spec.transform.std) == 3
+    assert spec.licence and spec.description
+    if "pathology" in spec.tags:
+        assert spec.hf_id and spec.extra, "foundation models name their HF id and extra"
+    if not _installed(spec.extra):
+        with pytest.raises(MissingExtraError, match="pip install"):
+            get_encoder(name, weights="random")
+        return
+    if spec.expensive:
+        pytest.skip(f"{name}: ViT-L and larger are too slow to build on this CPU (metadata only)")
+    encoder = get_encoder(name, weights="random")
+    size = spec.transform.input_size or 64
+    batch = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
+    with torch.inference_mode():
+        features = encoder(batch)
+    assert tuple(features.shape) == (2, spec.output_dim)
+    assert torch.isfinite(features).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["uni"])
+def test_a_foundation_model_builds_offline_with_random_weights(name):
+    pytest.importorskip("timm")
+    encoder = get_encoder(name, weights="random")
+    with torch.inference_mode():
+        out = encoder(torch.randint(0, 256, (1, 3, 224, 224), dtype=torch.uint8))
+    assert tuple(out.shape) == (1, get_encoder_spec(name).output_dim)
+
+
+def test_random_weights_are_seeded_and_explicit():
+    a, b = get_encoder("resnet18", "random"), get_encoder("resnet18", "random")
+    batch = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    with torch.inference_mode():
+        assert torch.equal(a(batch), b(batch))
+    assert a.weights_identity == "random:seed=0"
+
+
+def test_duplicate_name_is_an_error():
+    with pytest.raises(RegistryError, match="registered twice"):
+        register_encoder(
+            "resnet18",
+            output_dim=1,
+            transform=Transform(),
+            weights=WeightsSource("torchvision", "x"),
+        )(lambda pretrained=False: None)
+
+
+def test_unknown_name_lists_the_known_ones():
+    with pytest.raises(RegistryError, match="resnet50-trunc"):
+        get_encoder_spec("resnet51")
+
+
+def _trained_resnet18() -> torch.nn.Module:
+    torch.manual_seed(123)  # differs from the registry's random seed
+    return get_encoder_spec("resnet18").builder(pretrained=False).eval()
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_checkpoint_file_loads_and_gives_the_models_output(tmp_path, suffix):
+    model = _trained_resnet18()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["fc.weight"] = torch.zeros(1000, 512)  # a classifier the encoder drops is allowed
+    path = tmp_path / f"ckpt{suffix}"
+    if suffix == ".pth":  # as DDP training scripts save it
+        torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 3}, path)
+    else:
+        save_file(state, str(path))
+    encoder = get_encoder("resnet18", weights=path)
+    batch = torch.randint(0, 256, (3, 3, 48, 48), dtype=torch.uint8)
+    with torch.inference_mode():
+        expected = model(encoder.preprocess(batch))
+        assert torch.allclose(encoder(batch), expected, atol=1e-6)
+        assert not torch.allclose(get_encoder("resnet18", "random")(batch), expected)
+    assert encoder.weights_identity.startswith(f"file:ckpt{suffix} sha256:")
+
+
+def test_checkpoint_of_another_architecture_names_the_keys(tmp_path):
+    path = tmp_path / "resnet34.pth"
+    torch.save(get_encoder_spec("resnet34").builder().state_dict(), path)
+    with pytest.raises(WeightsError, match=r"resnet34.pth: does not fit encoder 'resnet18'.*"
+                       r"(unexpected|missing|wrong-shape) key"):  # fmt: skip
+        get_encoder("resnet18", weights=path)
+
+
+def test_missing_weights_file_is_one_clear_line(tmp_path):
+    with pytest.raises(WeightsError, match=r"nothing\.pth: weights file not found"):
+        get_encoder("resnet18", weights=tmp_path / "nothing.pth")
+
+
+def test_missing_pretrained_weights_offline_says_how_to_provide_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("SLIDEMIL_OFFLINE", "1")
+    monkeypatch.delenv("SLIDEMIL_WEIGHTS_DIR", raising=False)
+    with pytest.raises(WeightsError) as info:
+        get_encoder("resnet50-trunc")
+    message = str(info.value)
+    assert "\n" not in message
+    assert "resnet50-0676ba61.pth" in message  # the exact file torchvision would cache
+    assert "$SLIDEMIL_WEIGHTS_DIR/resnet50-trunc.pth" in message
+    assert "--weights random" in message
+
+
+def test_local_checkpoint_dir_is_used_by_default(tmp_path, monkeypatch):
+    model = _trained_resnet18()
+    torch.save(model.state_dict(), tmp_path / "resnet18.pth")
+    monkeypatch.setenv("SLIDEMIL_WEIGHTS_DIR", str(tmp_path))
+    encoder = get_encoder("resnet18")
+    assert encoder.weights_identity.startswith("file:resnet18.pth")
+    (tmp_path / "local_checkpoints.yaml").write_text("resnet18: missing.pth\n")
+    with pytest.raises(WeightsError, match=r"maps 'resnet18' to .*missing\.pth"):
+        get_encoder("resnet18")
+
+
+def test_hub_model_offline_and_not_cached_is_a_weights_error(tmp_path, monkeypatch):
+    pytest.importorskip("huggingface_hub")
+    monkeypatch.setenv("SLIDEMIL_OFFLINE", "1")
+    monkeypatch.delenv("SLIDEMIL_WEIGHTS_DIR", raising=False)
+    with pytest.raises(
+        WeightsError, match=r"bioptimus/H-optimus-0: .*not in the Hugging Face cache"
+    ):
+        get_encoder("h-optimus-0")
+
+
+def test_gated_model_without_token_says_where_to_accept_terms(tmp_path, monkeypatch):
+    hub = pytest.importorskip("huggingface_hub")
+    for var in (
+        "SLIDEMIL_OFFLINE",
+        "HF_HUB_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "SLIDEMIL_WEIGHTS_DIR",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(hub, "get_token", lambda: None)
+    with pytest.raises(WeightsError, match=r"gated model.*huggingface.co/MahmoodLab/UNI.*HF_TOKEN"):
+        get_encoder("uni")

@@ -1,0 +1,82 @@
+"""MIL models: every registered model runs, attention is normalised and ignores padding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slidemil.errors import RegistryError
+from slidemil.models import build_model, list_models, register_model
+from slidemil.models.attention import masked_softmax
+
+D, C = 24, 3
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_registry_lists_the_baselines_and_attention_models():
+    assert {"abmil", "abmil-gated", "mean-mil", "max-mil"} <= set(list_models())
+    assert list_models("abmil*") == ["abmil", "abmil-gated"]
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_runs_forward_and_backward(name):
+    torch.manual_seed(0)
+    model = build_model(name, in_dim=D, n_classes=C, hidden_dim=16)
+    features = torch.randn(2, 7, D)
+    mask = torch.tensor([[True] * 4 + [False] * 3, [True] * 7])
+    logits, attention = model(features, mask)
+    assert logits.shape == (2, C)
+    assert attention.shape == (2, 7)
+    assert torch.allclose(attention.sum(dim=1), torch.ones(2), atol=1e-5)
+    assert torch.all(attention[0, 4:] == 0)
+    logits.sum().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_padding_does_not_change_a_bags_output(name):
+    torch.manual_seed(1)
+    model = build_model(name, in_dim=D, n_classes=C, hidden_dim=16).eval()
+    small = torch.randn(1, 5, D)
+    large = torch.randn(1, 9, D)
+    alone_logits, alone_attention = model(small, torch.ones(1, 5, dtype=torch.bool))
+    batch = torch.zeros(2, 9, D)
+    batch[0, :5] = small[0]
+    batch[0, 5:] = 100.0  # padding with garbage must still be ignored
+    batch[1] = large[0]
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[0, :5] = True
+    mask[1] = True
+    logits, attention = model(batch, mask)
+    assert torch.allclose(logits[0], alone_logits[0], atol=1e-5)
+    assert torch.allclose(attention[0, :5], alone_attention[0], atol=1e-5)
+    assert torch.all(attention[0, 5:] == 0)
+
+
+def test_masked_softmax_of_an_empty_bag_is_zero_not_nan():
+    weights = masked_softmax(torch.randn(2, 3), torch.tensor([[False] * 3, [True, True, False]]))
+    assert torch.equal(weights[0], torch.zeros(3))
+    assert weights[1, 2] == 0 and torch.isclose(weights[1].sum(), torch.tensor(1.0))
+
+
+def test_model_options_are_settable_and_unknown_ones_refused():
+    model = build_model("abmil-gated", in_dim=D, n_classes=2, hidden_dim=40, dropout=0.1)
+    assert model.project[0].out_features == 40
+    with pytest.raises(RegistryError, match="attention_dim"):
+        build_model("mean-mil", in_dim=D, n_classes=2, attention_dim=8)
+    with pytest.raises(RegistryError, match="choose one of"):
+        build_model("no-such-model", in_dim=D, n_classes=2)
+
+
+def test_registering_a_duplicate_name_is_an_error():
+    with pytest.raises(RegistryError, match="already registered"):
+        register_model("abmil", "again")(lambda in_dim, n_classes: None)
