@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from slidemil.patching import patch
-from slidemil.synth import synth
+from slidemil.synthetic import synth
 
 
 def main() -> None:

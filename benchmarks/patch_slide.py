@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from slidemil.patching.run import PatchConfig, patch_slide
-from slidemil.synth import make_scene, write_pyramid
+from slidemil.synthetic import make_scene, write_pyramid
 
 
 def slide_path(cache: Path, size: int, mpp: float) -> Path:

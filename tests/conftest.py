@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from slidemil.synth import synth
+from slidemil.synthetic import synth
 
 
 @pytest.fixture(scope="session")

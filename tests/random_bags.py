@@ -8,6 +8,7 @@ classify the bag (and its attention should rank them first).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,17 +45,27 @@ def make_random_work(
     encoder: str = "random-encoder",
     dtype: str = "float16",
     split: list[str] | None = None,
+    class_patients: Sequence[int] | None = None,
     seed: int = 0,
 ) -> RandomWork:
-    """Write a work folder of ``patients × slides_per_patient`` bags; patients cycle classes."""
+    """Write a work folder of ``patients × slides_per_patient`` bags; patients cycle classes.
+
+    ``class_patients`` (patients per class, e.g. ``(12, 6)``) replaces ``patients`` and
+    ``classes`` for an imbalanced cohort; ``split`` values (a cohort ``split`` column) are given to
+    the patients in turn.
+    """
     root = Path(root)
     rng = np.random.default_rng(seed)
+    if class_patients is None:
+        labels = [p % classes for p in range(patients)]
+    else:
+        classes = len(class_patients)
+        labels = [k for k, n in enumerate(class_patients) for _ in range(n)]
     names = [f"class_{k}" for k in range(classes)]
     block = dim // classes
     work = RandomWork(root, encoder, dim, names)
     rows = []
-    for patient in range(patients):
-        label = patient % classes
+    for patient, label in enumerate(labels):
         for slide in range(slides_per_patient):
             slide_id = f"p{patient:03d}_s{slide}"
             n = int(rng.integers(instances[0], instances[1] + 1))
@@ -79,7 +90,7 @@ def make_random_work(
             )
     frame = pd.DataFrame(rows)
     if split is not None:
-        frame["split"] = [split[i % len(split)] for i in range(len(frame))]
+        frame["split"] = [split[int(p[-3:]) % len(split)] for p in frame["patient_id"]]
     root.mkdir(parents=True, exist_ok=True)
     frame.to_csv(root / "cohort.csv", index=False)
     return work

@@ -41,7 +41,7 @@ def test_every_entry_is_complete_and_builds_with_declared_dim(name):
             get_encoder(name, weights="random")
         return
     if spec.expensive:
-        pytest.skip(f"{name}: ViT-L and larger are too slow to build on this CPU (metadata only)")
+        pytest.skip(f"{name}: too slow to run on this CPU (checked on the meta device below)")
     encoder = get_encoder(name, weights="random")
     size = spec.transform.input_size or 64
     batch = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
@@ -49,6 +49,73 @@ def test_every_entry_is_complete_and_builds_with_declared_dim(name):
         features = encoder(batch)
     assert tuple(features.shape) == (2, spec.output_dim)
     assert torch.isfinite(features).all()
+
+
+# Facts of the published checkpoints (config.json / model cards): millions of parameters and the
+# shape of the position embedding, which a checkpoint of another patch size, register count or
+# ``no_embed_class`` setting would not fit.
+CHECKPOINT_FACTS = {
+    "uni": (303.4, "pos_embed", (1, 197, 1024)),
+    "uni2-h": (681.4, "pos_embed", (1, 256, 1536)),
+    "virchow2": (631.2, "pos_embed", (1, 261, 1280)),
+    "h-optimus-0": (1134.8, "pos_embed", (1, 256, 1536)),
+    "prov-gigapath": (1134.9, "pos_embed", (1, 197, 1536)),
+    "conch": (87.6, "trunk.pos_embed", (1, 785, 768)),
+    "phikon": (85.8, "embeddings.position_embeddings", (1, 197, 768)),
+    "phikon-v2": (303.4, "embeddings.position_embeddings", (1, 197, 1024)),
+}
+
+
+@pytest.mark.parametrize("name", list_encoders())
+def test_every_architecture_builds_on_the_meta_device_with_its_card(name):
+    """Every entry, foundation models included: no memory, no time, no weights."""
+    from slidemil.encoders.registry import checkpoint_target
+
+    spec = get_encoder_spec(name)
+    if not _installed(spec.extra):
+        pytest.skip(f"{name} needs {spec.extra!r}, not installed here")
+    size = spec.transform.input_size or 224
+    with torch.device("meta"):
+        model = spec.builder(pretrained=False)
+        out = model(torch.empty(2, 3, size, size))
+    assert out.is_meta and tuple(out.shape) == (2, spec.output_dim)
+    millions = sum(p.numel() for p in model.parameters()) / 1e6
+    assert millions == pytest.approx(spec.params_millions, rel=0.02)
+    if name in CHECKPOINT_FACTS:
+        params, key, shape = CHECKPOINT_FACTS[name]
+        assert millions == pytest.approx(params, abs=0.1)
+        assert tuple(checkpoint_target(model).state_dict()[key].shape) == shape
+
+
+def test_a_wrapped_encoder_loads_the_authors_checkpoint_and_its_own(tmp_path):
+    """Wrappers name the module the published file fits; other parts and a prefix are dropped."""
+    from slidemil.encoders.registry import EncoderSpec
+    from slidemil.encoders.weights import load_state_into
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.vit = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+
+        @property
+        def checkpoint_module(self) -> torch.nn.Module:
+            return self.vit
+
+    spec = EncoderSpec(
+        "toy", Wrapper, 3, Transform(), WeightsSource("hf-file", "x/y.bin", ("text.", "scale"))
+    )
+    torch.manual_seed(5)
+    source = Wrapper()
+    published = {f"visual.{k}": v for k, v in source.vit.state_dict().items()}
+    published.update({"text.proj": torch.zeros(2), "scale": torch.ones(1)})
+    for state in (published, source.state_dict()):  # authors' layout, then slidemil's wrapper
+        model = Wrapper()
+        load_state_into(model, state, spec, tmp_path / "ckpt.bin")
+        assert torch.equal(model.vit[0].weight, source.vit[0].weight)
+    with pytest.raises(WeightsError, match=r"ckpt\.bin: does not fit encoder 'toy'.*missing"):
+        load_state_into(
+            Wrapper(), {"visual.0.weight": torch.zeros(3, 4)}, spec, tmp_path / "ckpt.bin"
+        )
 
 
 @pytest.mark.slow

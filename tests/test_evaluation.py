@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from slidemil.errors import ArtifactError
 from slidemil.evaluation import AbsentClassWarning, compute_metrics, evaluate
-from slidemil.evaluation.report import EvaluateConfig
+from slidemil.evaluation.config import EvaluateConfig
 
 # --- a run folder as the training stage writes it ------------------------------------------------
 

@@ -62,6 +62,39 @@ def test_padding_does_not_change_a_bags_output(name):
     assert torch.all(attention[0, 5:] == 0)
 
 
+@pytest.mark.parametrize("name", list_models())
+def test_return_scores_adds_raw_scores_and_keeps_the_rest(name):
+    torch.manual_seed(2)
+    model = build_model(name, in_dim=D, n_classes=C, hidden_dim=16).eval()
+    features = torch.randn(2, 6, D)
+    mask = torch.tensor([[True] * 4 + [False] * 2, [True] * 6])
+    logits, attention = model(features, mask)
+    logits_s, attention_s, scores = model(features, mask, return_scores=True)
+    assert torch.equal(logits, logits_s) and torch.equal(attention, attention_s)
+    assert scores.shape == (2, 6)
+    assert torch.all(scores[0, 4:] == float("-inf")), "padding is -inf"
+    assert torch.isfinite(scores[mask]).all()
+    if name.startswith("abmil"):
+        # the attention is the softmax of the scores over each bag's valid instances
+        assert torch.allclose(attention, masked_softmax(scores, mask), atol=1e-6)
+    elif name == "mean-mil":
+        assert torch.equal(scores[mask], torch.zeros(10))
+    elif name == "max-mil":
+        # vote counts: every hidden unit has one winning instance per bag
+        assert scores[0, :4].sum() == 16 and scores[1].sum() == 16
+        assert torch.allclose(attention, torch.where(mask, scores, 0) / 16)
+
+
+def test_raw_scores_do_not_depend_on_the_rest_of_the_bag():
+    """What makes ``attention_raw`` comparable across slides: an instance's score is its own."""
+    torch.manual_seed(3)
+    model = build_model("abmil-gated", in_dim=D, n_classes=C, hidden_dim=16).eval()
+    bag = torch.randn(1, 8, D)
+    _, _, scores = model(bag, torch.ones(1, 8, dtype=torch.bool), return_scores=True)
+    _, _, first_half = model(bag[:, :4], torch.ones(1, 4, dtype=torch.bool), return_scores=True)
+    assert torch.allclose(scores[0, :4], first_half[0], atol=1e-6)
+
+
 def test_masked_softmax_of_an_empty_bag_is_zero_not_nan():
     weights = masked_softmax(torch.randn(2, 3), torch.tensor([[False] * 3, [True, True, False]]))
     assert torch.equal(weights[0], torch.zeros(3))

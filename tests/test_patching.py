@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from slidemil.errors import ConfigError
 from slidemil.formats.patch_file import read_patch_file
 from slidemil.patching import patch
-from slidemil.synth import load_truth, write_pyramid
+from slidemil.synthetic import load_truth, write_pyramid
 
 
 @pytest.fixture(scope="module")

@@ -80,3 +80,30 @@ def test_shards_cover_every_slide_exactly_once():
     for bad in ("4/4", "x", "1/0"):
         with pytest.raises(ConfigError):
             Shard.parse(bad)
+
+
+def crash_on_negative(slide_id: str, value: int, out: str) -> int:
+    """Dies like a segfaulting decoder would: no exception, the process is gone."""
+    import os
+
+    if value < 0:
+        os._exit(139)
+    return square_or_fail(slide_id, value, out)
+
+
+def test_a_worker_that_dies_fails_only_its_slide(tmp_path):
+    tasks = _tasks(tmp_path, [1, 2, -1, 3, 4, 5])
+    summary = run_per_slide(
+        "test",
+        tasks,
+        crash_on_negative,
+        out_dir=tmp_path,
+        is_done=_done(tmp_path),
+        workers=2,
+        quiet=True,
+    )
+    assert sorted(summary.done) == ["s0", "s1", "s3", "s4", "s5"]
+    failures = read_failures(tmp_path).set_index("slide_id")
+    assert list(failures.index) == ["s2"]
+    assert failures.loc["s2", "reason"] == "worker_crashed"
+    assert failures.loc["s2", "error"].startswith("s2.svs: the worker process died")

@@ -9,7 +9,7 @@ import pytest
 
 from slidemil.errors import MissingMppError, SlideOpenError, SlideReadError
 from slidemil.slide import Slide
-from slidemil.synth import SlideScene, load_truth, write_pyramid
+from slidemil.synthetic import SlideScene, load_truth, write_pyramid
 
 
 def _slide_path(cohort_dir, index=0):

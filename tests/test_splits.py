@@ -77,3 +77,25 @@ def test_a_class_with_too_few_patients_gets_a_clear_error():
         make_splits(slides)
     with pytest.raises(CohortError, match="5-fold"):
         make_splits(cohort(patients=8, classes=2), folds=5)
+
+
+def test_a_split_column_must_be_complete_and_have_train_and_val():
+    slides = cohort(patients=6, classes=2)
+    slides["split"] = "train"
+    with pytest.raises(CohortError, match="no 'val' slides"):
+        make_splits(slides)
+    slides.loc[0, "split"] = None
+    with pytest.raises(CohortError, match="empty for 1 slide"):
+        make_splits(slides)
+
+
+def test_kfold_validation_comes_from_the_folds_training_patients_only():
+    slides = cohort(patients=20, classes=2)
+    splits = make_splits(slides, folds=4, val_fraction=0.25, seed=2)
+    for fold, table in splits.groupby("fold"):
+        patients = table.drop_duplicates("patient_id")
+        tested = set(splits[(splits["fold"] == fold) & (splits["part"] == "test")]["patient_id"])
+        val = set(patients.loc[patients["part"] == "val", "patient_id"])
+        assert val and not val & tested
+        # about val_fraction of the patients that are not tested
+        assert len(val) / (len(patients) - len(tested)) == pytest.approx(0.25, abs=0.1)

@@ -7,6 +7,9 @@ The pipeline, one function per stage (each also a ``slidemil`` command)::
     slidemil.extract("work/", encoder="resnet50-trunc")
     slidemil.train("work/", "runs/exp1", model="abmil-gated", folds=5)
     slidemil.evaluate("runs/exp1")
+    slidemil.predict("runs/exp1", "new.csv", "preds/")   # new slides -> predictions + attention
+    slidemil.heatmap("preds/")                 # attention -> heat maps, QuPath / TIFF exports
+    slidemil.demo("demo/")                     # all of the above on a synthetic cohort
 
 Heavy modules (torch, OpenSlide) load on first use, so ``import slidemil`` is cheap.
 """
@@ -25,8 +28,8 @@ _API = {
     "Cohort": "slidemil.cohort",
     "SlideRecord": "slidemil.cohort",
     "load_cohort": "slidemil.cohort",
-    "synth": "slidemil.synth",
-    "SynthConfig": "slidemil.synth",
+    "synth": "slidemil.synthetic",
+    "SynthConfig": "slidemil.synthetic",
     "patch": "slidemil.patching",
     "PatchConfig": "slidemil.patching",
     "extract": "slidemil.extraction",
@@ -39,6 +42,12 @@ _API = {
     "build_model": "slidemil.models",
     "evaluate": "slidemil.evaluation",
     "EvaluateConfig": "slidemil.evaluation",
+    "predict": "slidemil.prediction",
+    "PredictConfig": "slidemil.prediction",
+    "heatmap": "slidemil.heatmaps",
+    "HeatmapConfig": "slidemil.heatmaps",
+    "demo": "slidemil.demonstration",
+    "DemoConfig": "slidemil.demonstration",
 }
 
 __all__ = ["__version__", *_API]

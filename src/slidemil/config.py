@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic_core import PydanticUndefined
 
 from slidemil import atomic
 from slidemil.errors import ConfigError
@@ -30,7 +31,9 @@ class StageConfig(BaseModel):
         """A field's description with its default, for ``--help`` (kept in one place)."""
         info = cls.model_fields[name]
         default = info.default
-        shown = "" if default is None else f" (default: {_show(default)})"
+        # A default computed at run time (default_factory) is described in the text instead.
+        unset = default is None or default is PydanticUndefined
+        shown = "" if unset else f" (default: {_show(default)})"
         return f"{info.description or ''}{shown}"
 
 

@@ -90,6 +90,12 @@ class MissingExtraError(SlidemilError):
     reason = "missing_extra"
 
 
+class WorkerCrashError(SlidemilError):
+    """The worker process died on this slide (a crash in a native library, or out of memory)."""
+
+    reason = "worker_crashed"
+
+
 class RegistryError(SlidemilError):
     """An unknown or duplicate name in a registry (encoders, MIL models)."""
 

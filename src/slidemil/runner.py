@@ -14,8 +14,10 @@ import logging
 import multiprocessing
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from slidemil import atomic
-from slidemil.errors import ConfigError, SlidemilError
+from slidemil.errors import ConfigError, SlidemilError, WorkerCrashError
 
 log = logging.getLogger(__name__)
 
@@ -149,21 +151,55 @@ def run_per_slide(
 
 
 def _run_pool(todo, work, workers, finish) -> None:
+    """Run ``todo`` in a process pool; a worker that dies takes only its own slide down.
+
+    A crash in native code (a corrupt file can segfault a decoder) or an out-of-memory kill
+    breaks the whole pool and fails every task in flight. Those tasks are then retried one at a
+    time, each in a pool of its own, so only the slide that really crashes is recorded as failed,
+    and the rest of the cohort goes on in a fresh pool.
+    """
+    queue = deque(todo)
+    while queue:
+        suspects = _run_until_broken(queue, work, workers, finish)
+        for task in suspects:
+            if _run_until_broken(deque([task]), work, 1, finish):
+                crash = WorkerCrashError(
+                    task.path,
+                    "the worker process died on this slide (a crash in a native library, or "
+                    "out of memory)",
+                    "check the file, or give the run more memory",
+                )
+                finish(task, error=crash)
+
+
+def _run_until_broken(queue: deque, work, workers: int, finish) -> list[Task]:
+    """Take tasks from ``queue`` until it is empty or the pool breaks; returns the tasks that
+    were in flight when it broke (their outcome is unknown)."""
     # spawn: the parent may hold threads (tqdm, torch) that make fork unsafe.
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=context) as pool:
+    with ProcessPoolExecutor(max_workers=min(workers, len(queue)), mp_context=context) as pool:
         pending: dict[Future, Task] = {}
-        queue = list(todo)
         # Keep a bounded number in flight so a huge cohort does not pickle every task up front.
         while queue or pending:
             while queue and len(pending) < 2 * workers:
-                task = queue.pop(0)
-                pending[pool.submit(work, task.slide_id, *task.args)] = task
+                task = queue.popleft()
+                try:
+                    pending[pool.submit(work, task.slide_id, *task.args)] = task
+                except BrokenProcessPool:
+                    queue.appendleft(task)
+                    return list(pending.values())
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            broken = False
             for future in finished:
-                task = pending.pop(future)
                 error = future.exception()
+                if isinstance(error, BrokenProcessPool):
+                    broken = True
+                    continue
+                task = pending.pop(future)
                 finish(task, None if error else future.result(), error)
+            if broken:
+                return list(pending.values())
+    return []
 
 
 def _describe(error: BaseException) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -50,7 +51,9 @@ def friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return command(*args, **kwargs)
         except SlidemilError as e:
-            typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+            # Under torchrun every rank fails alike; one copy of the message is enough.
+            if os.environ.get("RANK", "0") == "0":
+                typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
             raise typer.Exit(2) from e
 
     return wrapper

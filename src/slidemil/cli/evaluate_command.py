@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from slidemil.cli.app import app, friendly_errors
-from slidemil.evaluation.report import EvaluateConfig
+from slidemil.evaluation.config import EvaluateConfig
 
 H = EvaluateConfig.field_help
 

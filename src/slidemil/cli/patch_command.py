@@ -34,7 +34,7 @@ def patch(
     max_n_holes: int = typer.Option(None, help=H("max_n_holes")),
     previews: bool = typer.Option(None, "--previews/--no-previews", help=H("previews")),
     workers: int = typer.Option(
-        None, "--workers", "-j", help=H("workers") + " [default: all cores]"
+        None, "--workers", "-j", help=H("workers") + " (default: all cores)"
     ),
     shard: str = typer.Option(None, help=H("shard")),
     overwrite: bool = typer.Option(None, "--overwrite", help=H("overwrite")),

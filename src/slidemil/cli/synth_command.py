@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from slidemil.cli.app import app, friendly_errors, parse_floats
-from slidemil.synth.cohort import SynthConfig
+from slidemil.synthetic.cohort import SynthConfig
 
 H = SynthConfig.field_help
 
@@ -22,6 +22,9 @@ def synth(
     mpp: str = typer.Option(None, help=H("mpp") + " (comma-separated, e.g. 0.25,0.5)"),
     imbalance: float = typer.Option(None, help=H("imbalance")),
     max_slides_per_patient: int = typer.Option(None, help=H("max_slides_per_patient")),
+    lesion_fraction: str = typer.Option(
+        None, help=H("lesion_fraction") + " (comma-separated low,high, e.g. 0.05,0.12)"
+    ),
     seed: int = typer.Option(None, help=H("seed")),
     quality: int = typer.Option(None, help=H("quality")),
     workers: int = typer.Option(None, "--workers", "-j", help=H("workers")),
@@ -31,7 +34,7 @@ def synth(
     """Write a synthetic cohort: pyramidal JPEG Aperio SVS slides with class-specific lesions,
     ground-truth masks (truth/) and cohort.csv."""
     from slidemil.config import build
-    from slidemil.synth import synth as run_synth
+    from slidemil.synthetic import synth as run_synth
 
     options = dict(
         slides=slides,
@@ -40,6 +43,7 @@ def synth(
         mpp=parse_floats(mpp),
         imbalance=imbalance,
         max_slides_per_patient=max_slides_per_patient,
+        lesion_fraction=_pair(parse_floats(lesion_fraction)),
         seed=seed,
         quality=quality,
         workers=workers,
@@ -48,3 +52,7 @@ def synth(
     resolved = build(SynthConfig, section="synth", config_file=config, overrides=options)
     cohort = run_synth(out, resolved)
     typer.echo(f"{len(cohort)} slides, {len(cohort.class_names)} classes -> {out / 'cohort.csv'}")
+
+
+def _pair(values: list[float] | None) -> tuple[float, ...] | None:
+    return None if values is None else tuple(values)

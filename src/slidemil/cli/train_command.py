@@ -53,7 +53,9 @@ def train(
     config: Path = typer.Option(None, "--config", help="YAML file; its 'train' section."),
 ) -> None:
     """Train attention-MIL models on feature bags: patient-level splits or K-fold CV, early
-    stopping, checkpoints that resume a killed run, test predictions and metrics per fold."""
+    stopping, checkpoints that resume a killed run, test predictions and metrics per fold.
+
+    Rerun the same command to resume. Start it with torchrun for several GPUs or nodes."""
     from slidemil.config import build
     from slidemil.training import train as run_train
 
@@ -70,8 +72,13 @@ def train(
     )  # fmt: skip
     resolved = build(TrainConfig, section="train", config_file=config, overrides=options)
     result = run_train(work, out, resolved)
+    if not result.is_main:  # under torchrun, rank 0 speaks for the job
+        return
     finished = [k for k, metrics in result.folds.items() if metrics is not None]
-    if result.folds and len(finished) < len(result.folds):
-        typer.echo(f"stopped by --epoch-budget; rerun the same command to resume -> {out}")
+    if not result.finished:
+        typer.echo(
+            f"{len(finished)} of {len(result.folds)} fold(s) finished; stopped by --epoch-budget: "
+            f"rerun the same command to resume -> {out}"
+        )
     else:
         typer.echo(f"{len(finished)} fold(s) trained -> {out}")

@@ -51,9 +51,11 @@ class WeightsSource:
 
     ``kind``: ``"torchvision"`` (``ref`` = ``"ResNet50_Weights.IMAGENET1K_V1"``), ``"timm-hub"``
     (``ref`` = ``"hf-hub:MahmoodLab/UNI"``, loaded by ``timm.create_model(ref, pretrained=True)``),
-    ``"hf-transformers"`` (``ref`` = a Hugging Face repo id for ``transformers.AutoModel``) or
-    ``"package"`` (a model package with its own loader, e.g. CONCH).
-    ``ignored_keys``: checkpoint key prefixes of parts the encoder drops (e.g. the classifier).
+    ``"hf-transformers"`` (``ref`` = ``"hf:<repo id>"``, loaded by ``from_pretrained``) or
+    ``"hf-file"`` (``ref`` = ``"<repo id>/<file>"``: one checkpoint file of a Hugging Face repo,
+    loaded into the locally built architecture, e.g. CONCH's ``pytorch_model.bin``).
+    ``ignored_keys``: checkpoint key prefixes of parts the encoder drops (the classifier, the
+    text tower of a vision-language model).
     """
 
     kind: str
@@ -78,7 +80,7 @@ class EncoderSpec:
     extra: str | None = None  # optional dependency group, e.g. "hub"
     autocast_dtype: str | None = "bfloat16"  # preferred on CUDA; None: run in float32
     params_millions: float | None = None
-    expensive: bool = False  # too large to build on a CPU in a test (ViT-L and up)
+    expensive: bool = False  # too slow to run on a CPU in a test: checked on the meta device
     tags: tuple[str, ...] = field(default_factory=tuple)
 
     def card(self) -> dict[str, Any]:
@@ -159,6 +161,15 @@ def get_encoder_spec(name: str) -> EncoderSpec:
     return spec
 
 
+def checkpoint_target(model: Any) -> Any:
+    """The module a released checkpoint of ``model`` loads into.
+
+    Builders that wrap a timm or ``transformers`` backbone (to pool tokens, say) name it with a
+    ``checkpoint_module`` attribute, so the checkpoint the authors publish loads as it is.
+    """
+    return getattr(model, "checkpoint_module", model)
+
+
 @dataclass
 class Encoder:
     """A built encoder: the model, its spec and the identity of the weights it holds.
@@ -171,6 +182,7 @@ class Encoder:
     model: Any  # torch.nn.Module mapping (B, 3, H, W) float -> (B, output_dim)
     spec: EncoderSpec
     weights_identity: str
+    _norm: dict[Any, tuple[Any, Any]] = field(default_factory=dict, repr=False)
 
     @property
     def name(self) -> str:
@@ -180,9 +192,23 @@ class Encoder:
     def output_dim(self) -> int:
         return self.spec.output_dim
 
+    def _mean_std(self, device: Any, dtype: Any) -> tuple[Any, Any]:
+        # Cached per device: building them per batch would be a blocking host->GPU copy each time.
+        key = (str(device), dtype)
+        if key not in self._norm:
+            import torch
+
+            t = self.spec.transform
+            mean = torch.tensor(t.mean, dtype=dtype).view(1, 3, 1, 1).to(device)
+            std = torch.tensor(t.std, dtype=dtype).view(1, 3, 1, 1).to(device)
+            self._norm[key] = (mean, std)
+        return self._norm[key]
+
     def preprocess(self, batch: Any) -> Any:
-        """uint8 (B, 3, H, W) on any device -> normalised float32 model input on that device."""
-        import torch
+        """uint8 (B, 3, H, W) on any device -> normalised float32 model input on that device.
+
+        Memory format is kept: a channels-last batch (NHWC storage) stays channels-last.
+        """
         import torch.nn.functional as F
 
         t = self.spec.transform
@@ -196,8 +222,7 @@ class Encoder:
             top = (x.shape[-2] - t.crop) // 2
             left = (x.shape[-1] - t.crop) // 2
             x = x[..., top : top + t.crop, left : left + t.crop]
-        mean = torch.tensor(t.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-        std = torch.tensor(t.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        mean, std = self._mean_std(x.device, x.dtype)
         return (x - mean) / std
 
     def __call__(self, batch: Any) -> Any:

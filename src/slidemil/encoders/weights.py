@@ -22,7 +22,7 @@ from typing import Any
 from urllib.error import URLError
 from urllib.parse import urlparse
 
-from slidemil.encoders.registry import Encoder, EncoderSpec, get_encoder_spec
+from slidemil.encoders.registry import Encoder, EncoderSpec, checkpoint_target, get_encoder_spec
 from slidemil.errors import MissingExtraError, WeightsError
 
 WEIGHTS_DIR_ENV = "SLIDEMIL_WEIGHTS_DIR"
@@ -149,10 +149,17 @@ def read_state_dict(path: Path) -> dict[str, Any]:
 
 
 def load_state_into(model: Any, state: dict[str, Any], spec: EncoderSpec, source: Path) -> None:
-    """Load ``state`` strictly; parts the encoder drops (``ignored_keys``) may be present."""
+    """Load ``state`` strictly into the module the published checkpoint fits.
+
+    Parts the encoder drops (``ignored_keys``) may be present, and one leading key component
+    shared by every key (``"visual."``, a wrapper's ``"vit."``) is stripped when that makes the
+    keys fit, so both the authors' file and a checkpoint of slidemil's wrapper load.
+    """
+    target = checkpoint_target(model)
     ignored = spec.weights.ignored_keys
     state = {k: v for k, v in state.items() if not (ignored and k.startswith(ignored))}
-    expected = model.state_dict()
+    expected = target.state_dict()
+    state = _strip_shared_prefix(state, set(expected))
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong_shape = sorted(
@@ -169,7 +176,17 @@ def load_state_into(model: Any, state: dict[str, Any], spec: EncoderSpec, source
             f"does not fit encoder {spec.name!r}: {'; '.join(parts)}",
             "give a checkpoint of this architecture or choose the encoder it was trained as",
         )
-    model.load_state_dict(state, strict=True)
+    target.load_state_dict(state, strict=True)
+
+
+def _strip_shared_prefix(state: dict[str, Any], expected: set[str]) -> dict[str, Any]:
+    if not state or set(state) == expected:
+        return state
+    heads = {k.split(".", 1)[0] for k in state}
+    if len(heads) != 1 or not all("." in k for k in state):
+        return state
+    stripped = {k.split(".", 1)[1]: v for k, v in state.items()}
+    return stripped if len(set(stripped) & expected) > len(set(state) & expected) else state
 
 
 def _from_file(spec: EncoderSpec, path: Path) -> tuple[Any, str]:
@@ -191,7 +208,9 @@ def _pretrained(spec: EncoderSpec, progress: bool) -> tuple[Any, str]:
     kind = spec.weights.kind
     if kind == "torchvision":
         return _torchvision(spec, progress), f"torchvision:{spec.weights.ref}"
-    if kind in ("timm-hub", "hf-transformers", "package"):
+    if kind == "hf-file":
+        return _hub_file(spec), f"hf-file:{spec.weights.ref}"
+    if kind in ("timm-hub", "hf-transformers"):
         _check_hub_access(spec)
         try:
             model = spec.builder(pretrained=True)
@@ -205,6 +224,24 @@ def _pretrained(spec: EncoderSpec, progress: bool) -> tuple[Any, str]:
             ) from e
         return model, spec.weights.ref
     raise WeightsError(None, f"encoder {spec.name!r} has unknown weights source {kind!r}")
+
+
+def _hub_file(spec: EncoderSpec) -> Any:
+    """Download (or find in the HF cache) one checkpoint file and load it into the architecture."""
+    _check_hub_access(spec)
+    hub = require("huggingface_hub", spec.extra or "hub", f"encoder {spec.name!r}")
+    repo, _, filename = spec.weights.ref.rpartition("/")
+    try:
+        path = Path(hub.hf_hub_download(repo, filename))
+    except Exception as e:
+        raise WeightsError(
+            repo,
+            f"cannot get {filename} of {spec.name!r}: {type(e).__name__}: {e}"[:400],
+            _hub_fix(spec),
+        ) from e
+    model = _random(spec)
+    load_state_into(model, read_state_dict(path), spec, path)
+    return model
 
 
 def _torchvision(spec: EncoderSpec, progress: bool) -> Any:
@@ -237,8 +274,6 @@ def _torchvision(spec: EncoderSpec, progress: bool) -> Any:
 
 
 def _hub_fix(spec: EncoderSpec) -> str:
-    if spec.weights.kind == "package":
-        return _offline_fix(spec)
     gate = (
         f"accept the terms at https://huggingface.co/{spec.hf_id} and set HF_TOKEN "
         "(or run `huggingface-cli login`); "
@@ -250,11 +285,14 @@ def _hub_fix(spec: EncoderSpec) -> str:
 
 def _check_hub_access(spec: EncoderSpec) -> None:
     """Fail early, in one line, when the hub cannot possibly serve the weights."""
-    if spec.weights.kind == "package" or spec.hf_id is None:
+    if spec.hf_id is None:
         return
     hub = require("huggingface_hub", spec.extra or "hub", f"encoder {spec.name!r}")
     if is_offline():
-        cached = hub.try_to_load_from_cache(spec.hf_id, "config.json")
+        probe = "config.json"
+        if spec.weights.kind == "hf-file":
+            probe = spec.weights.ref.rpartition("/")[2]
+        cached = hub.try_to_load_from_cache(spec.hf_id, probe)
         if not isinstance(cached, str):
             raise WeightsError(
                 spec.hf_id,

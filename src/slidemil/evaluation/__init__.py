@@ -16,7 +16,7 @@ _API = {
     "ClassificationMetrics": "slidemil.evaluation.metrics",
     "compute_metrics": "slidemil.evaluation.metrics",
     "roc_curves": "slidemil.evaluation.metrics",
-    "EvaluateConfig": "slidemil.evaluation.report",
+    "EvaluateConfig": "slidemil.evaluation.config",
     "EvaluationReport": "slidemil.evaluation.report",
     "evaluate": "slidemil.evaluation.report",
 }

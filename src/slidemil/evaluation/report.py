@@ -22,15 +22,15 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from pydantic import Field
 
 from slidemil import atomic
-from slidemil.config import StageConfig, build, write_resolved
+from slidemil.config import build, write_resolved
 from slidemil.errors import ArtifactError
+from slidemil.evaluation.config import CURVE_METRIC_PREFERENCE, EvaluateConfig
 
 if TYPE_CHECKING:
     from slidemil.evaluation.metrics import ClassificationMetrics
@@ -40,31 +40,6 @@ logger = logging.getLogger(__name__)
 REPORT_DIR = "report"
 CONFIG_NAME = "evaluate_config.yaml"
 PROB_PREFIX = "prob_"
-# Validation metric drawn in training_curves.png when none is asked for: the first one present.
-CURVE_METRIC_PREFERENCE = (
-    "val_balanced_accuracy",
-    "val_macro_auc",
-    "val_auc",
-    "val_accuracy",
-    "val_macro_f1",
-)
-
-
-class EvaluateConfig(StageConfig):
-    level: Literal["slide", "patient"] = Field(
-        "slide",
-        description="evaluate per slide, or per patient (mean of the patient's slide "
-        "probabilities)",
-    )
-    out: Path | None = Field(None, description="report folder (default: <run>/report)")
-    plots: bool = Field(True, description="write the PNG figures")
-    curve_metric: str | None = Field(
-        None,
-        description="history.csv column drawn in training_curves.png (default: the first of "
-        + ", ".join(CURVE_METRIC_PREFERENCE)
-        + " present)",
-    )
-    quiet: bool = Field(False, description="do not print the table")
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,11 @@
 
 Item ``j`` of :class:`PatchBatches` is one whole batch: ``batch_size`` patches of one slide
 (batches never cross slides). DataLoader workers each open their own :class:`~slidemil.slide.Slide`
-handles lazily, read and resize the patches and return uint8 tensors; the main process only moves
-them to the device and runs the encoder, so reading hides behind compute. A read failure does not
-kill the loader: it comes back as a batch carrying the error, and the slide is recorded as failed.
+handles lazily, read and resize the patches and return uint8 tensors in NHWC order (no transpose
+copy on the CPU: on the device the batch is viewed as channels-last NCHW); the main process only
+moves them to the device and runs the encoder, so reading hides behind compute. A read failure
+does not kill the loader: it comes back as a batch carrying the error, and the slide is recorded
+as failed.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from slidemil.errors import SlidemilError
+from slidemil.errors import SlidemilError, SlideReadError
 from slidemil.formats.patch_file import PatchSet
 from slidemil.slide import Slide
 
@@ -63,7 +65,8 @@ class PatchBatches:
     """Map-style dataset: item ``j`` is the ``j``-th batch as a dict.
 
     Keys: ``slide_index`` (int), ``start``/``stop`` (patch rows), ``last`` (bool), ``images``
-    (uint8 tensor (B, 3, patch_size, patch_size)) and ``error`` (a message, or ``""``).
+    (uint8 tensor (B, patch_size, patch_size, 3), NHWC) and ``error`` (a
+    :class:`~slidemil.errors.SlidemilError`, or ``None``).
     """
 
     def __init__(self, slides: list[SlidePatches], batch_size: int):
@@ -72,6 +75,7 @@ class PatchBatches:
         self.slides = slides
         self.refs = plan_batches(slides, batch_size)
         self._handles: OrderedDict[str, Slide] = OrderedDict()
+        self._broken: dict[str, SlidemilError] = {}
 
     def __len__(self) -> int:
         return len(self.refs)
@@ -89,19 +93,29 @@ class PatchBatches:
         slide = self.slides[ref.slide_index]
         item: dict[str, Any] = {
             "slide_index": ref.slide_index, "start": ref.start, "stop": ref.stop,
-            "last": ref.last, "error": "",
+            "last": ref.last, "error": None,
         }  # fmt: skip
         size = slide.patches.patch_size if slide.patches is not None else 1
-        empty = torch.zeros((0, 3, size, size), dtype=torch.uint8)
+        empty = torch.zeros((0, size, size, 3), dtype=torch.uint8)
         if slide.error is not None or ref.stop <= ref.start:
             item["images"] = empty
+            return item
+        broken = self._broken.get(slide.slide_path)
+        if broken is not None:  # a slide that failed once is not reopened for every batch
+            item["images"], item["error"] = empty, broken
             return item
         try:
             images = self._read(slide, ref.start, ref.stop)
         except SlidemilError as e:
-            item["images"], item["error"] = empty, str(e)
+            item["images"], item["error"] = empty, e
+            if not isinstance(e, SlideReadError):  # unopenable slide: every batch would fail
+                self._broken[slide.slide_path] = e
             return item
-        item["images"] = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+        except Exception as e:  # noqa: BLE001 - any decoder failure fails this slide, not the run
+            error = SlideReadError(slide.slide_path, f"reading patches: {type(e).__name__}: {e}")
+            item["images"], item["error"] = empty, error
+            return item
+        item["images"] = torch.from_numpy(images)
         return item
 
     def _read(self, slide: SlidePatches, start: int, stop: int) -> np.ndarray:
@@ -129,12 +143,13 @@ class PatchBatches:
         return handle
 
 
-def make_loader(dataset: PatchBatches, *, workers: int, pin_memory: bool, prefetch: int) -> Any:
+def make_loader(dataset: Any, *, workers: int, pin_memory: bool, prefetch: int) -> Any:
     """A DataLoader yielding whole batches in order, ``prefetch`` batches ahead per worker."""
     from torch.utils.data import DataLoader
 
     options: dict[str, Any] = {}
     if workers > 0:
+        # Forked workers; no OpenCV thread setting in them (it deadlocks on the parent's pool).
         options = {"prefetch_factor": prefetch, "persistent_workers": False}
     return DataLoader(
         dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin_memory,

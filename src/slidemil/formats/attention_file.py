@@ -5,15 +5,25 @@ Layout (``format_version`` 1)::
     /coords          int64 (N, 2)    level-0 top-left x, y of each patch
     /attention       float32 (N, F)  attention weights, softmax-normalised over the bag, per model
                                      (F = 1 for one model, one column per fold for an ensemble)
-    /attention_raw   float32 (N, F)  the scores before the softmax (comparable across slides)
+    /attention_raw   float32 (N, F)  the model's scores before the softmax: they do not depend
+                                     on the rest of the bag, so they compare across slides
+                                     (ABMIL: attention logits; mean-mil: 0; max-mil: the number
+                                     of hidden units whose maximum the patch holds)
     root attrs:
-        format_version, slidemil_version, slide_id, slide_path
+        format_version, slidemil_version, slide_id, slide_path, label (or null)
         models              JSON list naming each column (e.g. ["fold_0", "fold_1"])
-        class_names         JSON list
-        probabilities       JSON list, the (ensembled) class probabilities of the slide
-        predicted           predicted class name
-        patch_size_level0   footprint of a patch in level-0 px (float)
-        patch_size, read_level, target_downsample, step, slide_mpp, slide_dimensions
+        class_names         JSON list, the run's class order
+        probabilities       the slide's class probabilities (mean over the models)
+        model_probabilities JSON {model: [probability per class]}
+        predicted           predicted class name (highest mean probability)
+        n_patches           N
+        run, features       the training run and the feature file predicted from
+        encoder, weights    the features' encoder and weights identity
+        patch_size_level0   footprint of a patch in level-0 px (float): all a heat map needs
+        patch_size, read_level, read_size, target_downsample, step, target_mpp,
+        magnification, slide_mpp, slide_dimensions      copied from the patch / feature file
+
+The file is written to a temp name and renamed, so a file at the final path is complete.
 """
 
 from __future__ import annotations
@@ -96,14 +106,39 @@ def read_attention_file(path: str | Path) -> AttentionMap:
         raise
     except (OSError, KeyError, ValueError) as e:
         raise ArtifactError(path, f"unreadable or truncated attention file: {e}") from e
+    version = attrs.get("format_version")
+    if version is not None and int(version) > ATTENTION_FORMAT_VERSION:
+        raise ArtifactError(
+            path,
+            f"attention format {version} is newer than this slidemil reads "
+            f"({ATTENTION_FORMAT_VERSION})",
+            "upgrade slidemil",
+        )
     if "patch_size_level0" not in attrs:
         raise ArtifactError(path, "no patch_size_level0 attribute: cannot place patches")
     return AttentionMap(coords, attention, raw, attrs)
 
 
-def is_complete_attention_file(path: str | Path) -> bool:
+def read_attention_attrs(path: str | Path) -> dict[str, Any]:
+    """Only the attributes (cheap: no dataset is read)."""
+    path = Path(path)
     try:
-        read_attention_file(path)
-    except ArtifactError:
+        with h5py.File(path, "r") as f:
+            return {k: read_attr(f.attrs, k) for k in f.attrs}
+    except OSError as e:
+        raise ArtifactError(path, f"unreadable or truncated attention file: {e}") from e
+
+
+def is_complete_attention_file(path: str | Path) -> bool:
+    """True when ``path`` opens and has coords and attention of the same length and the patch
+    footprint (checked without reading the data)."""
+    try:
+        with h5py.File(path, "r") as f:
+            rows = f["coords"].shape[0]
+            return (
+                f["attention"].shape[0] == rows
+                and "attention_raw" in f
+                and "patch_size_level0" in f.attrs
+            )
+    except (OSError, KeyError):
         return False
-    return True

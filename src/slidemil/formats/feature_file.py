@@ -5,27 +5,35 @@ Layout (``format_version`` 1)::
     /features   float16 or float32 (N, D)  one row per patch
     /coords     int64 (N, 2)               level-0 top-left x, y, the same rows as the patch file
     root attrs:
-        format_version, slidemil_version, slide_id
+        format_version, slidemil_version, slide_id, slide_path
         encoder             registry name (e.g. "resnet50-trunc")
-        weights             weights identity (tag, file name + sha256, or "random")
+        weights             weights identity (torchvision tag, hub id, file name + sha256, or
+                            "random:seed=0")
         feature_dim         D
-        dtype               "float16" | "float32"
-        transform           JSON: input size, resize, mean, std
-        patch_size, patch_size_level0, read_level, target_mpp, magnification, slide_mpp
+        dtype               "float16" | "float32" (stored)
+        precision           autocast dtype of the forward pass ("float32" on CPU)
+        transform           JSON: resize, crop, mean, std, interpolation
+        input_size          px the encoder received (after resize / crop)
+        patch_size, patch_size_level0, read_level, read_size, target_mpp, magnification,
+        slide_mpp, target_downsample, step, slide_dimensions
                             copied from the patch file so heatmaps need nothing else
         source_format       "slidemil" (files read from CLAM or TRIDENT say so)
+
+The file is written under a temp name in the same folder (rows streamed in as batches finish)
+and renamed when complete, so a file at the final path is always whole.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import h5py
 import numpy as np
 
-from slidemil.atomic import atomic_path
+from slidemil.atomic import temp_path_for
 from slidemil.errors import ArtifactError
 from slidemil.formats.h5 import provenance, read_attr, write_attrs
 
@@ -52,6 +60,87 @@ class FeatureBag:
         return self.attrs.get("encoder")
 
 
+class FeatureWriter:
+    """Stream one slide's features into a feature file: rows arrive in order, in chunks.
+
+    Use as a context manager; the file appears at ``path`` only when every row was written and
+    the block exits cleanly (a temp file in the same folder is renamed), else nothing appears::
+
+        with FeatureWriter(path, coords, dim=1024, dtype="float16", attrs=attrs) as out:
+            out.write(chunk)          # (rows, D), any float dtype; cast to ``dtype``
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        coords: np.ndarray,
+        *,
+        dim: int,
+        dtype: str | np.dtype,
+        attrs: dict[str, Any],
+    ):
+        self.path = Path(path)
+        self.coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+        self.dim, self.dtype, self.attrs = int(dim), np.dtype(dtype), attrs
+        self.rows = 0
+        self._tmp: Path | None = None
+        self._file: h5py.File | None = None
+        self._features: h5py.Dataset | None = None
+
+    def __enter__(self) -> FeatureWriter:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = temp_path_for(self.path)
+        self._file = h5py.File(self._tmp, "w")
+        shape = (self.coords.shape[0], self.dim)
+        self._features = self._file.create_dataset(
+            "features", shape=shape, dtype=self.dtype, chunks=_chunks(shape)
+        )
+        self._file.create_dataset("coords", data=self.coords)
+        return self
+
+    def write(self, chunk: np.ndarray) -> None:
+        """Append the next ``len(chunk)`` rows."""
+        chunk = np.asarray(chunk)
+        if chunk.ndim != 2 or chunk.shape[1] != self.dim:
+            raise ValueError(f"feature chunk {chunk.shape} must be (rows, {self.dim})")
+        stop = self.rows + chunk.shape[0]
+        if stop > self.coords.shape[0]:
+            raise ValueError(f"{stop} feature rows for {self.coords.shape[0]} coords")
+        if chunk.shape[0]:
+            self._features[self.rows : stop] = chunk.astype(self.dtype, copy=False)
+        self.rows = stop
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        complete = kind is None and self.rows == self.coords.shape[0]
+        try:
+            if complete:
+                write_attrs(
+                    self._file.attrs,
+                    {
+                        "format_version": FEATURE_FORMAT_VERSION,
+                        **provenance(),
+                        "feature_dim": self.dim,
+                        "dtype": str(self.dtype),
+                        "source_format": "slidemil",
+                        **self.attrs,
+                    },
+                )
+            self._file.close()
+            if complete:
+                self._tmp.replace(self.path)
+        finally:
+            self._tmp.unlink(missing_ok=True)
+        if kind is None and not complete:
+            raise ValueError(
+                f"{self.path}: {self.rows} feature rows written for {self.coords.shape[0]} coords"
+            )
+
+
 def write_feature_file(
     path: str | Path,
     features: np.ndarray,
@@ -59,34 +148,23 @@ def write_feature_file(
     attrs: dict[str, Any],
 ) -> Path:
     """Write a bag atomically. ``attrs`` should hold at least ``slide_id`` and ``encoder``."""
-    path = Path(path)
     features = np.asarray(features)
     coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
     if features.ndim != 2 or features.shape[0] != coords.shape[0]:
         raise ValueError(
             f"features {features.shape} and coords {coords.shape} must have the same rows"
         )
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        f.create_dataset("features", data=features, chunks=_chunks(features))
-        f.create_dataset("coords", data=coords)
-        write_attrs(
-            f.attrs,
-            {
-                "format_version": FEATURE_FORMAT_VERSION,
-                **provenance(),
-                "feature_dim": int(features.shape[1]),
-                "dtype": str(features.dtype),
-                "source_format": "slidemil",
-                **attrs,
-            },
-        )
-    return path
+    with FeatureWriter(
+        path, coords, dim=features.shape[1], dtype=features.dtype, attrs=attrs
+    ) as out:
+        out.write(features)
+    return Path(path)
 
 
-def _chunks(features: np.ndarray) -> tuple[int, int] | None:
-    if features.shape[0] == 0:
+def _chunks(shape: tuple[int, int]) -> tuple[int, int] | None:
+    if shape[0] == 0 or shape[1] == 0:
         return None
-    return (min(features.shape[0], 1024), features.shape[1])
+    return (min(shape[0], 1024), shape[1])
 
 
 def read_feature_attrs(path: str | Path) -> dict[str, Any]:
@@ -147,16 +225,19 @@ def _is_foreign(path: Path) -> bool:
         return False  # the slidemil reader reports the truncated file
 
 
-def is_complete_feature_file(path: str | Path, encoder: str | None = None) -> bool:
-    """True when ``path`` is a readable slidemil feature file (of ``encoder``, if given)."""
+def is_complete_feature_file(
+    path: str | Path, encoder: str | None = None, rows: int | None = None
+) -> bool:
+    """True when ``path`` is a readable slidemil feature file (of ``encoder`` and with ``rows``
+    patches, if given: a slide re-patched since has to be encoded again)."""
     try:
-        attrs = read_feature_attrs(path)
         with h5py.File(path, "r") as f:
-            ok = (
-                "features" in f and "coords" in f and f["features"].shape[0] == f["coords"].shape[0]
-            )
-    except (ArtifactError, OSError, KeyError):
+            if "features" not in f or "coords" not in f:
+                return False
+            n = f["features"].shape[0]
+            if n != f["coords"].shape[0] or read_attr(f.attrs, "format_version") is None:
+                return False
+            found = read_attr(f.attrs, "encoder")
+    except (OSError, KeyError, ValueError):
         return False
-    if not ok or attrs.get("format_version") is None:
-        return False
-    return encoder is None or attrs.get("encoder") == encoder
+    return (encoder is None or found == encoder) and (rows is None or n == rows)

@@ -6,7 +6,6 @@ import json
 import math
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from slidemil import atomic
@@ -14,8 +13,10 @@ from slidemil.formats.pyramid_tiff import write_pyramid
 from slidemil.heatmaps.render import colorize, overlay, rasterise, smooth
 from slidemil.slide import Slide
 
-# The heat grid behind the TIFF has this many cells across one patch (or one step, if smaller).
+# The heat grid behind the TIFF: fine enough that a patch edge is off by at most 1/16 of the
+# smaller of patch and step, and never more than this many cells (about 200 MB while drawing).
 CELLS_PER_PATCH = 8
+MAX_GRID_CELLS = 2**24
 
 
 def write_geojson(
@@ -51,55 +52,75 @@ def heat_grid(
     coords: np.ndarray,
     scores: np.ndarray,
     patch_size_level0: float,
-    step_level0: float,
     slide_dimensions: tuple[int, int],
     sigma_patches: float = 0.0,
 ) -> tuple[np.ndarray, float]:
-    """A whole-slide canvas of scores fine enough to keep every patch edge, and its downsample."""
-    cell = max(1.0, min(patch_size_level0, step_level0) / CELLS_PER_PATCH)
+    """A whole-slide canvas of ``scores`` (NaN where no patch lies) and its cell size in level-0
+    px, for drawing the heat map at any resolution.
+
+    When every coordinate and the patch size are multiples of one cell size (a regular grid of
+    any step), that cell size is used and patch edges are exact; otherwise, and when smoothing
+    (which needs cells finer than a patch to look smooth), the cells are ``CELLS_PER_PATCH``
+    times smaller than a patch or its spacing. ``sigma_patches``: Gaussian sigma in patch
+    sides."""
     width, height = slide_dimensions
-    shape = (math.ceil(height / cell), math.ceil(width / cell))
+    cell = grid_cell(coords, patch_size_level0, exact=sigma_patches <= 0)
+    cell = max(cell, math.sqrt(width * height / MAX_GRID_CELLS), 1.0)
+    shape = (max(1, math.ceil(height / cell)), max(1, math.ceil(width / cell)))
     canvas = rasterise(coords, scores, patch_size_level0, shape, cell)
     return smooth(canvas, sigma_patches * patch_size_level0 / cell), cell
+
+
+def grid_cell(coords: np.ndarray, patch_size_level0: float, exact: bool = True) -> float:
+    """With ``exact``, the largest level-0 cell size on which every patch edge falls, if it is
+    not much smaller than a patch; else a fraction of the patch size or of the patches'
+    spacing."""
+    coords = np.asarray(coords, np.int64).reshape(-1, 2)
+    size = float(patch_size_level0)
+    spacing = _spacing(coords) or size
+    fallback = max(1.0, min(size, spacing) / CELLS_PER_PATCH)
+    if not exact or abs(size - round(size)) > 1e-6 or coords.size == 0:
+        return fallback
+    common = int(np.gcd.reduce(np.append(coords.ravel(), round(size))))
+    return float(common) if common >= fallback else fallback
+
+
+def _spacing(coords: np.ndarray) -> float:
+    """The typical distance between neighbouring patch origins (the step): the median gap
+    between distinct x (or y) values, the smaller of the two axes; 0 for a single patch."""
+    gaps = []
+    for axis in (0, 1):
+        values = np.unique(coords[:, axis])
+        if values.size > 1:
+            gaps.append(float(np.median(np.diff(values))))
+    return min(gaps) if gaps else 0.0
 
 
 def write_heatmap_tiff(
     path: str | Path,
     slide: Slide,
     grid: np.ndarray,
-    grid_downsample: float,
+    cell: float,
     *,
     cmap: str = "jet",
     alpha: float = 0.5,
-    blend: bool = True,
 ) -> Path:
     """A pyramidal tiled TIFF as large as the slide's level 0, with the slide's µm/px, that
-    OpenSlide and QuPath open at full resolution. ``blend`` draws the heat map over the slide;
-    otherwise uncovered areas are white. Written tile by tile: memory does not grow with size."""
+    OpenSlide and QuPath open at full resolution: the heat map (``grid``, ``cell`` level-0 px
+    per grid cell, values in [0, 1]) drawn over the slide at ``alpha``; the slide shows where no
+    patch lies. Written tile by tile, so memory does not grow with the slide."""
     width, height = slide.dimensions
+    rows, columns = grid.shape
 
     def render(x0: float, y0: float, w: int, h: int, downsample: float) -> np.ndarray:
-        # canvas coordinates of the tile's pixel centres
-        xs = ((x0 + (np.arange(w) + 0.5) * downsample) / grid_downsample - 0.5).astype(np.float32)
-        ys = ((y0 + (np.arange(h) + 0.5) * downsample) / grid_downsample - 0.5).astype(np.float32)
-        map_x = np.broadcast_to(xs[None, :], (h, w)).copy()
-        map_y = np.broadcast_to(ys[:, None], (h, w)).copy()
-        values = cv2.remap(
-            grid,
-            map_x,
-            map_y,
-            cv2.INTER_NEAREST,
-            borderMode=cv2.BORDER_CONSTANT,
-            borderValue=float("nan"),
-        )
-        heat = colorize(values, cmap)
-        if blend:
-            base = slide.read_scaled(
-                (int(x0), int(y0)), slide.plan_for_downsample(downsample), (w, h)
-            )
-        else:
-            base = np.full((h, w, 3), 255, np.uint8)
-        return overlay(base, heat, alpha if blend else 1.0)
+        # the grid cell under each output pixel's centre (level-0 geometry, no interpolation)
+        column = np.floor((x0 + (np.arange(w) + 0.5) * downsample) / cell).astype(np.int64)
+        row = np.floor((y0 + (np.arange(h) + 0.5) * downsample) / cell).astype(np.int64)
+        inside = (row[:, None] < rows) & (column[None, :] < columns)
+        values = grid[np.minimum(row, rows - 1)[:, None], np.minimum(column, columns - 1)[None, :]]
+        values = np.where(inside, values, np.nan)
+        base = slide.read_scaled((int(x0), int(y0)), slide.plan_for_downsample(downsample), (w, h))
+        return overlay(base, colorize(values, cmap), alpha)
 
     return write_pyramid(
         path, width, height, render, mpp=slide.mpp_or_none, vendor="generic", quality=90

@@ -24,6 +24,20 @@ def save_figure(figure: Figure, path: str | Path, dpi: int = 100) -> Path:
     return Path(path)
 
 
+def heatmap_title(slide_id: str, attrs: dict) -> str:
+    """``<slide_id>: predicted <class> (p = 0.93), true <label>`` from an attention file's
+    attributes; just the slide id when it records no prediction."""
+    predicted = attrs.get("predicted")
+    probabilities = attrs.get("probabilities")
+    classes = attrs.get("class_names") or []
+    if predicted is None or not probabilities or predicted not in classes:
+        return slide_id
+    probability = probabilities[classes.index(predicted)]
+    title = f"{slide_id}: predicted {predicted} (p = {probability:.2f})"
+    label = attrs.get("label")
+    return f"{title}, true {label}" if label is not None else title
+
+
 def heatmap_figure(
     image: np.ndarray, title: str, cmap: str = "jet", label: str = "attention (normalised)"
 ) -> Figure:

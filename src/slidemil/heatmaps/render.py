@@ -45,13 +45,21 @@ def normalise_scores(values: np.ndarray, method: str = "rank") -> np.ndarray:
 def footprint_boxes(
     coords: np.ndarray, patch_size_level0: float, downsample: float, shape: tuple[int, int]
 ) -> np.ndarray:
-    """(N, 4) integer canvas boxes x0, y0, x1, y1 (end-exclusive, clipped to ``shape`` = (h, w))."""
+    """(N, 4) integer canvas boxes x0, y0, x1, y1 (end-exclusive, clipped to ``shape`` = (h, w)).
+
+    A pixel belongs to a patch when its centre lies inside the footprint; a footprint narrower
+    than a pixel that holds no pixel centre takes the pixel under its own centre, so no patch
+    vanishes from a coarse canvas."""
     coords = np.asarray(coords, np.float64).reshape(-1, 2)
     start = coords / downsample
     end = (coords + patch_size_level0) / downsample
     # pixel j is inside when its centre j + 0.5 lies in [start, end)
     first = np.ceil(start - 0.5).astype(np.int64)
     stop = np.ceil(end - 0.5).astype(np.int64)
+    empty = stop <= first
+    centre = np.floor((start + end) / 2).astype(np.int64)
+    first = np.where(empty, centre, first)
+    stop = np.where(empty, centre + 1, stop)
     height, width = shape
     x0 = np.clip(first[:, 0], 0, width)
     x1 = np.clip(stop[:, 0], 0, width)
@@ -72,19 +80,30 @@ def rasterise(
     height, width = shape
     boxes = footprint_boxes(coords, patch_size_level0, downsample, shape)
     values = np.asarray(values, np.float64).reshape(-1)
-    total = np.zeros((height + 1, width + 1), np.float64)
-    count = np.zeros((height + 1, width + 1), np.float64)
+    if values.shape[0] != boxes.shape[0]:
+        raise ValueError(f"{boxes.shape[0]} patches but {values.shape[0]} values")
     x0, y0, x1, y1 = boxes.T
-    for grid, weight in ((total, values), (count, np.ones_like(values))):
-        np.add.at(grid, (y0, x0), weight)
-        np.add.at(grid, (y0, x1), -weight)
-        np.add.at(grid, (y1, x0), -weight)
-        np.add.at(grid, (y1, x1), weight)
-    total = total.cumsum(0).cumsum(1)[:height, :width]
-    count = np.rint(count.cumsum(0).cumsum(1)[:height, :width])
-    with np.errstate(invalid="ignore", divide="ignore"):
-        canvas = np.where(count > 0, total / np.maximum(count, 1), np.nan)
-    return canvas.astype(np.float32)
+    # float64 sums and int32 counts: exact enough for any overlap, 12 bytes per canvas pixel
+    total = _box_sums(values, x0, y0, x1, y1, (height, width), np.float64)
+    count = _box_sums(np.ones_like(x0), x0, y0, x1, y1, (height, width), np.int32)
+    canvas = np.full((height, width), np.nan, np.float32)
+    covered = count > 0
+    canvas[covered] = total[covered] / count[covered]
+    return canvas
+
+
+def _box_sums(weights, x0, y0, x1, y1, shape, dtype) -> np.ndarray:
+    """Sum over boxes of their weight at every pixel, by differences then a 2-D prefix sum."""
+    height, width = shape
+    grid = np.zeros((height + 1, width + 1), dtype)
+    weights = np.asarray(weights, dtype)
+    np.add.at(grid, (y0, x0), weights)
+    np.add.at(grid, (y0, x1), -weights)
+    np.add.at(grid, (y1, x0), -weights)
+    np.add.at(grid, (y1, x1), weights)
+    np.cumsum(grid, axis=0, out=grid)
+    np.cumsum(grid, axis=1, out=grid)
+    return grid[:height, :width]
 
 
 def smooth(canvas: np.ndarray, sigma_px: float) -> np.ndarray:

@@ -2,7 +2,9 @@
 
 Shapes: ``features`` (B, N, D) float, ``mask`` (B, N) bool with True on real instances (False on
 padding); returns ``logits`` (B, C) and ``attention`` (B, N), which sums to 1 over each bag's valid
-instances and is 0 on padding.
+instances and is 0 on padding. With ``return_scores=True`` the raw attention logits (B, N) before
+the softmax come third (``-inf`` on padding): unlike the softmax weights they do not depend on
+the bag's size, so they compare across slides.
 """
 
 from __future__ import annotations
@@ -51,11 +53,17 @@ class ABMIL(nn.Module):
         self.attention = scorer(hidden_dim, attention_dim)
         self.head = mlp_head(hidden_dim, n_classes, dropout)
 
-    def forward(self, features: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """``features`` (B, N, D), ``mask`` (B, N) bool -> logits (B, C), attention (B, N)."""
+    def forward(
+        self, features: Tensor, mask: Tensor, return_scores: bool = False
+    ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
+        """``features`` (B, N, D), ``mask`` (B, N) bool -> logits (B, C), attention (B, N)
+        [, scores (B, N): pre-softmax attention logits, ``-inf`` on padding]."""
         instances = self.project(features)  # (B, N, H)
-        weights = masked_softmax(self.attention(instances), mask)  # (B, N)
+        scores = self.attention(instances)  # (B, N)
+        weights = masked_softmax(scores, mask)
         bag = attention_pool(instances, weights)  # (B, H)
+        if return_scores:
+            return self.head(bag), weights, scores.masked_fill(~mask, float("-inf"))
         return self.head(bag), weights
 
 

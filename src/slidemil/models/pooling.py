@@ -2,6 +2,8 @@
 
 They return an "attention" too, so every model plugs into the same heatmap code: uniform weights
 for mean pooling, and for max pooling the share of hidden units whose maximum each instance holds.
+Their ``return_scores`` are zeros (mean) and the per-instance vote counts (max), ``-inf`` on
+padding as for the attention models.
 """
 
 from __future__ import annotations
@@ -21,12 +23,17 @@ class MeanMIL(nn.Module):
         self.project = input_projection(in_dim, hidden_dim, dropout)
         self.head = mlp_head(hidden_dim, n_classes, dropout)
 
-    def forward(self, features: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """``features`` (B, N, D), ``mask`` (B, N) bool -> logits (B, C), attention (B, N)."""
+    def forward(
+        self, features: Tensor, mask: Tensor, return_scores: bool = False
+    ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
+        """``features`` (B, N, D), ``mask`` (B, N) bool -> logits (B, C), attention (B, N)
+        [, scores (B, N): zeros, ``-inf`` on padding]."""
         instances = self.project(features)
         valid = mask.to(instances.dtype)
         weights = valid / valid.sum(dim=1, keepdim=True).clamp_min(1.0)
         bag = torch.einsum("bn,bnh->bh", weights, instances)
+        if return_scores:
+            return self.head(bag), weights, _pad_scores(torch.zeros_like(weights), mask)
         return self.head(bag), weights
 
 
@@ -38,16 +45,26 @@ class MaxMIL(nn.Module):
         self.project = input_projection(in_dim, hidden_dim, dropout)
         self.head = mlp_head(hidden_dim, n_classes, dropout)
 
-    def forward(self, features: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """``features`` (B, N, D), ``mask`` (B, N) bool -> logits (B, C), attention (B, N)."""
+    def forward(
+        self, features: Tensor, mask: Tensor, return_scores: bool = False
+    ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
+        """``features`` (B, N, D), ``mask`` (B, N) bool -> logits (B, C), attention (B, N)
+        [, scores (B, N): hidden units each instance wins, ``-inf`` on padding]."""
         instances = self.project(features)  # (B, N, H)
         filled = instances.masked_fill(~mask.unsqueeze(-1), float("-inf"))
         bag, winner = filled.max(dim=1)  # (B, H), index of the winning instance per unit
         bag = torch.nan_to_num(bag, neginf=0.0)  # an empty bag pools to zeros
         votes = torch.zeros_like(mask, dtype=instances.dtype)
         votes.scatter_add_(1, winner, torch.ones_like(winner, dtype=instances.dtype))
-        weights = (votes * mask) / instances.shape[-1]
+        votes = votes * mask
+        weights = votes / instances.shape[-1]
+        if return_scores:
+            return self.head(bag), weights, _pad_scores(votes, mask)
         return self.head(bag), weights
+
+
+def _pad_scores(scores: Tensor, mask: Tensor) -> Tensor:
+    return scores.masked_fill(~mask, float("-inf"))
 
 
 @register_model("mean-mil", "baseline: mean pooling of projected instances")

@@ -1,9 +1,10 @@
 """The MIL model registry: ``@register_model`` next to each definition, like timm's.
 
 Every registered builder takes ``in_dim`` (feature size D) and ``n_classes`` plus its own keyword
-arguments, and returns a module whose ``forward(features (B, N, D), mask (B, N) bool)`` gives
-``(logits (B, C), attention (B, N))``. A checkpoint stores the name and the keyword arguments, so
-:func:`build_model` rebuilds the same model with nothing else.
+arguments, and returns a module whose ``forward(features (B, N, D), mask (B, N) bool,
+return_scores=False)`` gives ``(logits (B, C), attention (B, N))``, plus the raw attention scores
+(B, N) (``-inf`` on padding) when ``return_scores`` is True. A checkpoint stores the name and the
+keyword arguments, so :func:`build_model` rebuilds the same model with nothing else.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """Checkpoints: self-describing dicts that rebuild their model and resume their run exactly.
 
 Keys: ``format_version, model_name, model_kwargs, model_state, optimizer_state, scheduler_state,
-scaler_state, rng_state, epoch, best_metric, best_epoch, epochs_without_improvement, monitor,
-config, class_names, encoder, feature_dim, standardization ({"mean", "std"} tensors or None),
-split ({"train", "val", "test"} slide id lists), fold, slidemil_version``. Everything is a tensor
-or plain Python value, so ``torch.load(..., weights_only=True)`` reads it.
+scaler_state, rng_state, epoch, best_metric, best_epoch, epochs_without_improvement,
+best_val_loss, monitor, config, class_names, encoder, feature_dim, standardization
+({"mean", "std"} tensors or None), class_weights (per-class loss weights or None), split
+({"train", "val", "test"} slide id lists), fold, slidemil_version``. Everything is a tensor or
+plain Python value, so ``torch.load(..., weights_only=True)`` reads it.
 """
 
 from __future__ import annotations
@@ -61,13 +62,14 @@ def load_model_from_checkpoint(
 
 
 def rng_state() -> dict[str, Any]:
-    """Python, NumPy, torch and CUDA generator states as checkpoint-safe values."""
+    """Python, NumPy, torch and (current) CUDA generator states as checkpoint-safe values."""
     numpy_state = np.random.get_state()
     return {
         "python": random.getstate(),
         "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # the current GPU only: reading every GPU's state would open a CUDA context on each
+        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_initialized() else [],
     }
 
 
@@ -79,4 +81,4 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"].cpu())
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+        torch.cuda.set_rng_state(state["cuda"][0].cpu())  # the current GPU

@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from slidemil.config import StageConfig
 
-Monitor = Literal["balanced_accuracy", "loss", "auc", "macro_f1"]
+Monitor = Literal["balanced_accuracy", "macro_auc", "macro_f1", "accuracy", "loss"]
 Schedule = Literal["cosine", "warmup-cosine", "plateau", "none"]
 
-# Options that may change between a killed run and its resumption without changing the result.
+# Options that may change between a killed run and its resumption without changing the result
+# (device and amp only change it by floating-point rounding).
 RUNTIME_OPTIONS = frozenset(
     {"fold", "quiet", "workers", "cache", "cache_limit_gb", "epoch_budget", "device", "amp"}
 )
+# Options where 0 means "off" as well as null, so a command-line flag can switch them off.
+ZERO_MEANS_NONE = ("max_patches", "patience", "grad_clip")
 
 
 class TrainConfig(StageConfig):
+    """Options of ``slidemil train`` (the ``train:`` section of a config file)."""
+
     # what to train
     model: str = Field("abmil-gated", description="MIL model name (see slidemil.list_models())")
     encoder: str | None = Field(
@@ -39,17 +44,21 @@ class TrainConfig(StageConfig):
     )  # fmt: skip
     # optimisation
     epochs: int = Field(50, ge=1, description="maximum number of epochs")
-    batch_size: int = Field(1, ge=1, description="bags per step (per process under torchrun)")
+    batch_size: int = Field(
+        1, ge=1, description="bags per step and process (effective: × processes under torchrun)"
+    )
     max_patches: int | None = Field(
         512, ge=1, description="instances sampled per bag in training (all in val/test); "
-        "null: all",
+        "0 or null: all",
     )  # fmt: skip
     lr: float = Field(2e-4, gt=0.0, description="AdamW learning rate")
     weight_decay: float = Field(1e-4, ge=0.0, description="AdamW weight decay")
-    schedule: Schedule = Field("cosine", description="learning-rate schedule, stepped per epoch")
+    schedule: Schedule = Field(
+        "cosine", description="learning-rate schedule: cosine, warmup-cosine, plateau or none"
+    )
     warmup_epochs: int = Field(2, ge=0, description="linear warmup epochs for warmup-cosine")
     grad_clip: float | None = Field(
-        1.0, gt=0.0, description="clip the gradient norm to this; null: no clipping"
+        1.0, gt=0.0, description="clip the gradient norm to this; 0 or null: no clipping"
     )
     class_weights: bool = Field(
         True, description="weight the loss by total / (n_classes × count) of the training split"
@@ -57,23 +66,35 @@ class TrainConfig(StageConfig):
     standardize: bool = Field(
         True, description="standardise features with mean/std of the training split"
     )
-    monitor: Monitor = Field("balanced_accuracy", description="validation metric that picks best")
-    patience: int | None = Field(
-        10, ge=1, description="stop after this many epochs without improvement; null: never"
+    monitor: Monitor = Field(
+        "balanced_accuracy",
+        description="validation metric that picks the best epoch and drives early stopping: "
+        "balanced_accuracy, macro_auc, macro_f1, accuracy or loss",
     )
-    seed: int = Field(0, description="random seed (splits, sampling, weights)")
+    patience: int | None = Field(
+        10, ge=1, description="stop after this many epochs without improvement; 0 or null: never"
+    )
+    seed: int = Field(0, ge=0, description="random seed (splits, initial weights, sampling)")
     # runtime
-    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
-    amp: bool = Field(True, description="mixed precision on CUDA (ignored on CPU)")
+    device: str = Field(
+        "auto", description="auto, cpu, cuda or cuda:N (under torchrun: cuda = cuda:LOCAL_RANK)"
+    )
+    amp: bool = Field(True, description="float16 mixed precision on CUDA (ignored on CPU)")
     cache: bool | None = Field(
         None, description="hold bags in RAM; null: when they fit in cache_limit_gb"
     )
-    cache_limit_gb: float = Field(8.0, ge=0.0, description="RAM for cached bags (GiB)")
-    workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    cache_limit_gb: float = Field(8.0, ge=0.0, description="RAM for cached bags, GiB per process")
+    workers: int = Field(0, ge=0, description="DataLoader worker processes reading uncached bags")
     epoch_budget: int | None = Field(
         None, ge=1, description="stop after this many epochs in this invocation (resume later)"
     )
     quiet: bool = Field(False, description="no per-epoch progress")
+
+    @field_validator(*ZERO_MEANS_NONE, mode="before")
+    @classmethod
+    def _zero_is_off(cls, value: Any) -> Any:
+        is_zero = isinstance(value, int | float) and not isinstance(value, bool) and value == 0
+        return None if is_zero else value
 
     @field_validator("split_fractions")
     @classmethod
@@ -82,6 +103,16 @@ class TrainConfig(StageConfig):
             raise ValueError("train, val and test fractions must be >= 0 and sum to 1")
         if value[0] <= 0 or value[1] <= 0:
             raise ValueError("the train and val fractions must be positive")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _valid_device(cls, value: str) -> str:
+        head, _, index = value.partition(":")
+        if head not in ("auto", "cpu", "cuda") or (
+            index and (head != "cuda" or not index.isdigit())
+        ):
+            raise ValueError(f"device {value!r} must be auto, cpu, cuda or cuda:N")
         return value
 
     @model_validator(mode="after")
@@ -98,3 +129,7 @@ class TrainConfig(StageConfig):
             "dropout": self.dropout,
         }
         return {k: v for k, v in options.items() if k in model_defaults}
+
+    def result_options(self) -> dict[str, Any]:
+        """The options that change the trained models (compared when a run is resumed)."""
+        return self.model_dump(mode="json", exclude=set(RUNTIME_OPTIONS))

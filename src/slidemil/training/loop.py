@@ -18,15 +18,23 @@ from slidemil.training.config import TrainConfig
 
 
 def class_weights(label_indices: list[int] | np.ndarray, n_classes: int) -> torch.Tensor:
-    """``total / (n_classes × count)`` per class (1 for a class absent from the labels)."""
+    """``total / (n_classes × count)`` per class (1 for a class absent from the labels), so every
+    class contributes equally to the loss whatever its share of the training bags."""
     counts = np.bincount(np.asarray(label_indices, dtype=int), minlength=n_classes)
     total = counts.sum()
     weights = np.where(counts > 0, total / (n_classes * np.maximum(counts, 1)), 1.0)
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
-    """The learning-rate schedule named by ``config.schedule`` (stepped once per epoch)."""
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig
+) -> torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau:
+    """The learning-rate schedule named by ``config.schedule``, stepped once per epoch.
+
+    ``cosine`` decays from ``lr`` towards 0 over ``epochs``; ``warmup-cosine`` first rises
+    linearly over ``warmup_epochs``; ``plateau`` halves the rate after ``patience // 2`` epochs
+    without improvement of the monitored metric; ``none`` keeps ``lr``.
+    """
     epochs, warmup = config.epochs, config.warmup_epochs
     if config.schedule == "plateau":
         mode = "min" if config.monitor == "loss" else "max"
@@ -46,36 +54,52 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def step_scheduler(scheduler, val_metric: float) -> None:
+def step_scheduler(scheduler, monitored: float) -> None:
+    """End-of-epoch step; reduce-on-plateau needs the monitored value (NaN counts as no gain)."""
     if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-        scheduler.step(val_metric)
+        scheduler.step(monitored)
     else:
         scheduler.step()
 
 
 @dataclass
 class EarlyStopping:
-    """Tracks the best value of the monitored metric; ``should_stop`` after ``patience`` epochs
-    without improvement (None: never)."""
+    """Tracks the best epoch by the monitored metric; ``should_stop`` after ``patience`` epochs
+    without improvement (None: never).
+
+    A tie on the metric is broken by a lower validation loss: on a small validation set a rate
+    such as balanced accuracy saturates early, and the first epoch to reach it is rarely the best
+    model.
+    """
 
     higher_is_better: bool
     patience: int | None
     best: float = math.nan
     best_epoch: int = -1
     epochs_without_improvement: int = 0
+    best_loss: float = math.nan
 
-    def update(self, value: float, epoch: int) -> bool:
-        """Record this epoch's value; True when it is the new best."""
-        improved = not math.isnan(value) and (
-            math.isnan(self.best)
-            or (value > self.best if self.higher_is_better else value < self.best)
-        )
-        if improved or self.best_epoch < 0:
-            self.best, self.best_epoch = value, epoch
+    def update(self, value: float, epoch: int, loss: float = math.nan) -> bool:
+        """Record this epoch's monitored ``value`` and validation ``loss``; True when it is the
+        new best (the first epoch always is)."""
+        if self.best_epoch < 0:
+            improved = True
+        elif math.isnan(value):
+            improved = False
+        elif math.isnan(self.best):
+            improved = True
+        elif value == self.best:
+            improved = not math.isnan(loss) and (
+                math.isnan(self.best_loss) or loss < self.best_loss
+            )
+        else:
+            improved = value > self.best if self.higher_is_better else value < self.best
+        if improved:
+            self.best, self.best_epoch, self.best_loss = value, epoch, loss
             self.epochs_without_improvement = 0
-            return True
-        self.epochs_without_improvement += 1
-        return False
+        else:
+            self.epochs_without_improvement += 1
+        return improved
 
     @property
     def should_stop(self) -> bool:
@@ -83,7 +107,7 @@ class EarlyStopping:
 
 
 def autocast(device: torch.device, enabled: bool):
-    """Mixed precision on CUDA only (CPU autocast is slower for these small layers)."""
+    """float16 mixed precision on CUDA only (CPU autocast is slower for these small layers)."""
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.float16)
     return contextlib.nullcontext()
@@ -100,26 +124,32 @@ def train_one_epoch(
     amp: bool,
     grad_clip: float | None,
 ) -> tuple[float, int]:
-    """One pass over ``loader``; returns the mean loss per bag and the number of bags."""
+    """One pass over ``loader``; returns the mean loss per bag and the number of bags.
+
+    Under DDP the gradients are averaged over ranks in ``backward``, so one step uses
+    ``batch_size × world_size`` bags.
+    """
     model.train()
-    total, count = 0.0, 0
+    # summed on the device: converting each step's loss to a float would wait for the GPU
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
     for features, mask, labels, _ in loader:
         features = features.to(device, non_blocking=True)
         mask = mask.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, amp):
-            logits, _ = model(features, mask)
-            loss = loss_fn(logits.float(), labels)
+            logits, _ = model(features, mask)[:2]
+        loss = loss_fn(logits.float(), labels)
         scaler.scale(loss).backward()
         if grad_clip is not None:
-            scaler.unscale_(optimizer)
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         scaler.step(optimizer)
         scaler.update()
-        total += float(loss.detach()) * len(labels)
+        total += loss.detach().double() * len(labels)
         count += len(labels)
-    return total / max(count, 1), count
+    return float(total) / max(count, 1), count
 
 
 @torch.no_grad()
@@ -131,12 +161,16 @@ def predict(
     model.eval()
     probabilities, indices, attention = [], [], []
     for features, mask, _, index in loader:
+        features = features.to(device, non_blocking=True)
+        mask_on_device = mask.to(device, non_blocking=True)
         with autocast(device, amp):
-            logits, weights = model(features.to(device), mask.to(device))
+            logits, weights = model(features, mask_on_device)[:2]
         probabilities.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
         indices.append(index.numpy())
         weights = weights.float().cpu()
         attention.extend(w[m].numpy() for w, m in zip(weights, mask, strict=True))
+    if not probabilities:
+        return np.zeros((0, 0)), np.zeros(0, dtype=np.int64), []
     return np.concatenate(probabilities), np.concatenate(indices), attention
 
 

@@ -1,4 +1,4 @@
-"""Per-fold prediction tables and the metrics computed from them.
+"""Per-fold prediction tables and their metrics (computed by ``slidemil.evaluation.metrics``).
 
 ``predictions.csv`` (test part) and ``val_predictions.csv`` (validation part) have the columns
 ``slide_id, patient_id, label, label_index, fold, prob_<class> ..., predicted``; the evaluation
@@ -13,8 +13,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-from sklearn.exceptions import UndefinedMetricWarning
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
+
+from slidemil.evaluation.metrics import SCALAR_METRICS, AbsentClassWarning, compute_metrics
 
 
 def prediction_table(
@@ -42,35 +42,28 @@ def prediction_table(
     return table
 
 
-def classification_metrics(
-    label_indices: np.ndarray, probabilities: np.ndarray, n_classes: int
+def part_metrics(
+    label_indices: np.ndarray,
+    probabilities: np.ndarray,
+    class_names: Sequence[str],
+    *,
+    source: str = "",
+    warn_absent: bool = True,
 ) -> dict[str, float]:
-    """accuracy, balanced_accuracy, macro_f1 and one-vs-rest macro AUC (NaN when undefined,
-    e.g. a class absent from the labels)."""
-    labels = np.asarray(label_indices, dtype=int)
-    predicted = probabilities.argmax(axis=1)
+    """``accuracy, balanced_accuracy, macro_f1, macro_auc``, then ``recall_<class>`` and
+    ``auc_<class>`` of one part's predictions (NaN where undefined, e.g. a class absent from it).
+
+    ``warn_absent=False`` silences the absent-class warning, for the per-epoch validation whose
+    classes are announced once per fold instead.
+    """
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UndefinedMetricWarning)
-        warnings.simplefilter("ignore", UserWarning)  # balanced accuracy with absent classes
-        metrics = {
-            "accuracy": float(accuracy_score(labels, predicted)),
-            "balanced_accuracy": float(balanced_accuracy_score(labels, predicted)),
-            "macro_f1": float(
-                f1_score(labels, predicted, average="macro", labels=list(range(n_classes)))
-            ),
-        }
-    metrics["auc"] = _auc(labels, probabilities, n_classes)
-    return metrics
+        if not warn_absent:
+            warnings.simplefilter("ignore", AbsentClassWarning)
+        return compute_metrics(label_indices, probabilities, class_names, source=source).scalars()
 
 
-def _auc(labels: np.ndarray, probabilities: np.ndarray, n_classes: int) -> float:
-    if len(np.unique(labels)) < n_classes:
-        return math.nan
-    try:
-        if n_classes == 2:
-            return float(roc_auc_score(labels, probabilities[:, 1]))
-        return float(
-            roc_auc_score(labels, probabilities, multi_class="ovr", labels=list(range(n_classes)))
-        )
-    except ValueError:
-        return math.nan
+def undefined_metrics(class_names: Sequence[str]) -> dict[str, float]:
+    """The keys of :func:`part_metrics`, all NaN (a fold without test slides)."""
+    names = [*SCALAR_METRICS]
+    names += [f"recall_{c}" for c in class_names] + [f"auc_{c}" for c in class_names]
+    return dict.fromkeys(names, math.nan)

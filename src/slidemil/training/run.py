@@ -3,21 +3,21 @@ history, predictions and metrics under the run folder.
 
 Layout::
 
-    <out>/config.yaml   resolved options        <out>/run.json   classes, encoder, model, D, ...
+    <out>/config.yaml   resolved options (a valid --config file)
+    <out>/run.json      classes, folds, encoder, model, D, excluded slides, patch/extract options
     <out>/splits.csv    slide_id, patient_id, label, fold, part
     <out>/fold_<k>/     checkpoint_best.pt, checkpoint_latest.pt, history.csv, metrics.json,
                         predictions.csv (test part), val_predictions.csv
 
 A fold whose ``metrics.json`` exists is finished and skipped; an unfinished fold resumes from its
-``checkpoint_latest.pt`` and ends with the same weights as an uninterrupted run.
+``checkpoint_latest.pt`` and ends with the same weights as an uninterrupted run. A run folder
+accepts only its own options and splits: rerunning it with other ones is refused, so finished and
+resumed folds never mix two experiments.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import math
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,55 +25,20 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
-from tqdm.auto import tqdm
 
 from slidemil import __version__, atomic
 from slidemil.cohort import Cohort, load_cohort
-from slidemil.config import build, write_resolved
-from slidemil.errors import ArtifactError, ConfigError
-from slidemil.models import build_model, get_model_entry
-from slidemil.training.bags import (
-    BagDataset,
-    BagInfo,
-    Standardizer,
-    fit_standardizer,
-    load_cache,
-    pad_bags,
-    probe_feature_file,
-)
-from slidemil.training.checkpoint import (
-    load_checkpoint,
-    restore_rng_state,
-    rng_state,
-    save_checkpoint,
-)
-from slidemil.training.config import RUNTIME_OPTIONS, TrainConfig
-from slidemil.training.distributed import (
-    DistContext,
-    barrier,
-    mean_over_ranks,
-    setup_distributed,
-    teardown_distributed,
-)
-from slidemil.training.loop import (
-    EarlyStopping,
-    build_scheduler,
-    class_weights,
-    mean_loss,
-    predict,
-    step_scheduler,
-    train_one_epoch,
-)
-from slidemil.training.predictions import classification_metrics, prediction_table
-from slidemil.training.splits import make_splits
+from slidemil.config import build, read_yaml, write_resolved
+from slidemil.errors import ArtifactError, CohortError, ConfigError
+from slidemil.models import get_model_entry
+from slidemil.training.bags import BagInfo, load_cache, probe_feature_file
+from slidemil.training.config import ZERO_MEANS_NONE, TrainConfig
+from slidemil.training.distributed import on_main, setup_distributed, teardown_distributed
+from slidemil.training.fold import EpochBudget, train_fold
+from slidemil.training.splits import SPLIT_COLUMNS, make_splits
 
-log = logging.getLogger(__name__)
-
-METRIC_NAMES = ("accuracy", "balanced_accuracy", "macro_f1", "auc")
+PATCH_CONFIG = "patch_config.yaml"
+EXTRACT_CONFIG = "extract_config.yaml"
 
 
 class MissingBagsWarning(UserWarning):
@@ -94,12 +59,19 @@ class TrainData:
 
 @dataclass
 class TrainResult:
-    """The run folder and, per fold trained here, its test metrics (None: stopped early by
-    ``epoch_budget``, resume later)."""
+    """The run folder and, per fold handled here, its test metrics (the ``metrics.json`` dict;
+    None: not finished because ``epoch_budget`` ran out, resume later). ``is_main`` is False on
+    the other ranks under torchrun."""
 
     out: Path
     folds: dict[int, dict[str, Any] | None] = field(default_factory=dict)
     excluded: dict[str, str] = field(default_factory=dict)
+    is_main: bool = True
+
+    @property
+    def finished(self) -> bool:
+        """Every fold handled here has its metrics."""
+        return all(metrics is not None for metrics in self.folds.values())
 
 
 def train(
@@ -113,32 +85,48 @@ def train(
     """Train MIL models on ``work/features/<encoder>/`` bags labelled by ``work/cohort.csv``.
 
     Options are :class:`TrainConfig` fields (``train("work", "runs/exp1", folds=5)``); a YAML
-    ``config_file``'s ``train`` section supplies defaults. Under torchrun every rank calls this;
-    only rank 0 writes.
+    ``config_file``'s ``train`` section supplies defaults, and keyword options win over it (and
+    over ``config``'s values). Under torchrun every rank calls this; only rank 0 writes.
     """
-    config = config or build(
-        TrainConfig, section="train", config_file=config_file, overrides=options
-    )
+    config = _resolve_config(config, config_file, options)
     get_model_entry(config.model)  # fail before any work on an unknown model
     work, out = Path(work), Path(out)
     context = setup_distributed(config.device)
     try:
-        data = load_train_data(work, config)
-        splits = _splits_for(data, config)
+        data = load_train_data(work, config, warn=context.is_main)
+        splits = _splits_for(data, config, warn=context.is_main)
         n_folds = int(splits["fold"].max()) + 1
         if config.fold is not None and config.fold >= n_folds:
-            raise ConfigError(None, f"fold {config.fold} does not exist: the run has {n_folds}")
-        if context.is_main:
-            _write_run_files(out, work, config, data, splits, n_folds)
-        barrier(context)
-        result = TrainResult(out, excluded=dict(data.excluded))
+            raise ConfigError(
+                None,
+                f"fold {config.fold} does not exist: the run has {n_folds} fold(s)",
+                "the cohort's split column makes one fold" if n_folds == 1 else None,
+            )
+        on_main(context, lambda: _start_run(out, work, config, data, splits, n_folds))
+        result = TrainResult(out, excluded=dict(data.excluded), is_main=context.is_main)
+        budget = EpochBudget(config.epoch_budget)
         for fold in [config.fold] if config.fold is not None else range(n_folds):
             result.folds[fold] = train_fold(
-                fold, splits[splits["fold"] == fold], data, config, out, context
+                fold, splits[splits["fold"] == fold], data, config, out, context, budget
             )
         return result
     finally:
         teardown_distributed(context)
+
+
+def _resolve_config(
+    config: TrainConfig | None, config_file: str | Path | None, options: dict[str, Any]
+) -> TrainConfig:
+    if config is None:
+        return build(TrainConfig, section="train", config_file=config_file, overrides=options)
+    if config_file is not None:
+        raise ConfigError(config_file, "give a TrainConfig or a config file, not both")
+    if not options:
+        return config
+    base = config.model_dump()
+    # build() reads None as "not given"; these options say "off" with 0 as well
+    base.update({k: 0 for k in ZERO_MEANS_NONE if base[k] is None})
+    return build(TrainConfig, section="train", overrides={**base, **options})
 
 
 def resolve_encoder(work: Path, encoder: str | None) -> str:
@@ -158,9 +146,16 @@ def resolve_encoder(work: Path, encoder: str | None) -> str:
     return encoder
 
 
-def load_train_data(work: Path, config: TrainConfig) -> TrainData:
-    """Read the cohort, probe every slide's feature file and set unusable ones aside."""
+def load_train_data(work: Path, config: TrainConfig, *, warn: bool = True) -> TrainData:
+    """Read the cohort, probe every slide's feature file and set unusable ones aside (with a
+    :class:`MissingBagsWarning` when ``warn``); cache the bags in RAM when asked or when they fit.
+    """
     cohort = load_cohort(work / "cohort.csv", require_labels=True, check_files=False)
+    if len(cohort.class_names) < 2:
+        raise CohortError(
+            cohort.source,
+            f"only one class ({', '.join(cohort.class_names)}): a classifier needs two or more",
+        )
     encoder = resolve_encoder(work, config.encoder)
     folder = work / "features" / encoder
     bags: dict[str, BagInfo] = {}
@@ -171,7 +166,7 @@ def load_train_data(work: Path, config: TrainConfig) -> TrainData:
             excluded[record.slide_id] = probed
         else:
             bags[record.slide_id] = probed
-    if excluded:
+    if excluded and warn:
         listed = ", ".join(f"{s} ({why})" for s, why in list(excluded.items())[:20])
         more = f" and {len(excluded) - 20} more" if len(excluded) > 20 else ""
         warnings.warn(
@@ -195,7 +190,7 @@ def load_train_data(work: Path, config: TrainConfig) -> TrainData:
     return data
 
 
-def _splits_for(data: TrainData, config: TrainConfig) -> pd.DataFrame:
+def _splits_for(data: TrainData, config: TrainConfig, *, warn: bool) -> pd.DataFrame:
     records = [r for r in data.cohort if r.slide_id in data.bags]
     frame = pd.DataFrame(
         {
@@ -205,7 +200,7 @@ def _splits_for(data: TrainData, config: TrainConfig) -> pd.DataFrame:
             "split": [r.split for r in records],
         }
     )
-    if frame["split"].notna().any() and config.folds > 1:
+    if warn and frame["split"].notna().any() and config.folds > 1:
         warnings.warn(
             f"{data.cohort.source}: the cohort's split column is used; --folds is ignored",
             UserWarning,
@@ -221,9 +216,19 @@ def _splits_for(data: TrainData, config: TrainConfig) -> pd.DataFrame:
     )
 
 
-def _write_run_files(out, work, config, data, splits, n_folds) -> None:
+def _start_run(
+    out: Path,
+    work: Path,
+    config: TrainConfig,
+    data: TrainData,
+    splits: pd.DataFrame,
+    n_folds: int,
+) -> None:
+    """Refuse a run folder started with other options or splits; write the run's files."""
+    _check_same_run(out, config, splits)
     write_resolved(out / "config.yaml", {"train": config})
     entry = get_model_entry(config.model)
+    features = work / "features" / data.encoder
     run = {
         "class_names": list(data.cohort.class_names),
         "folds": n_folds,
@@ -234,282 +239,40 @@ def _write_run_files(out, work, config, data, splits, n_folds) -> None:
         "work": str(work.resolve()),
         "slidemil_version": __version__,
         "excluded_slides": data.excluded,
+        # what `slidemil predict` needs to patch and encode new slides exactly like these
+        "patch_config": _read_record(work / PATCH_CONFIG, section="patch"),
+        "extract_config": _read_record(features / EXTRACT_CONFIG),
     }
     atomic.write_text(out / "run.json", json.dumps(run, indent=2))
     atomic.write_csv(out / "splits.csv", splits)
 
 
-def train_fold(
-    fold: int,
-    split: pd.DataFrame,
-    data: TrainData,
-    config: TrainConfig,
-    out: Path,
-    context: DistContext,
-) -> dict[str, Any] | None:
-    """Train, or resume, or skip (finished) one fold; returns its test metrics."""
-    fold_dir = out / f"fold_{fold}"
-    if (fold_dir / "metrics.json").is_file():
-        if context.is_main and not config.quiet:
-            tqdm.write(f"fold {fold}: already finished, skipped")
-        return json.loads((fold_dir / "metrics.json").read_text(encoding="utf-8"))
-
-    parts = {
-        p: split.loc[split["part"] == p, "slide_id"].tolist() for p in ("train", "val", "test")
-    }
-    names = data.cohort.class_names
-    label_index = {r.slide_id: names.index(r.label) for r in data.cohort if r.slide_id in data.bags}
-    standardizer = _fit_standardizer(parts["train"], data) if config.standardize else None
-
-    def dataset(part: str, sample: bool) -> BagDataset:
-        ids = parts[part]
-        return BagDataset(
-            [data.bags[s] for s in ids],
-            [label_index[s] for s in ids],
-            max_patches=config.max_patches,
-            sample=sample,
-            cache=data.cache,
-            standardizer=standardizer,
-            seed=config.seed + 1000 * fold,
-        )
-
-    train_set, val_set = dataset("train", True), dataset("val", False)
-    sampler = DistributedSampler(
-        train_set, num_replicas=context.world_size, rank=context.rank, shuffle=True,
-        seed=config.seed + fold,
-    )  # fmt: skip
-    train_loader = _loader(train_set, config, sampler=sampler, batch_size=config.batch_size)
-    val_loader = _loader(val_set, config)
-
-    device = context.device
-    use_amp = config.amp and device.type == "cuda"
-    entry = get_model_entry(config.model)
-    model_kwargs = config.model_kwargs(entry.defaults())
-    torch.manual_seed(config.seed + fold)  # same initial weights on every rank and every run
-    core = build_model(
-        config.model, in_dim=data.feature_dim, n_classes=len(names), **model_kwargs
-    ).to(device)
-    model: nn.Module = core
-    if context.distributed:
-        model = DistributedDataParallel(
-            core, device_ids=[device] if device.type == "cuda" else None
-        )
-    optimizer = torch.optim.AdamW(core.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = build_scheduler(optimizer, config)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
-    weights = class_weights(train_set.labels, len(names)) if config.class_weights else None
-    loss_fn = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device))
-    stopper = EarlyStopping(config.monitor != "loss", config.patience)
-    history: list[dict[str, Any]] = []
-    start_epoch = 0
-
-    static = {
-        "model_name": config.model,
-        "model_kwargs": model_kwargs,
-        "monitor": config.monitor,
-        "config": config.model_dump(mode="json"),
-        "class_names": list(names),
-        "encoder": data.encoder,
-        "feature_dim": data.feature_dim,
-        "standardization": None if standardizer is None else standardizer.to_state(),
-        "split": parts,
-        "fold": fold,
-        "slidemil_version": __version__,
-    }
-    latest = fold_dir / "checkpoint_latest.pt"
-    if latest.is_file():
-        state = load_checkpoint(latest, device)
-        _check_resumable(latest, state, static)
-        core.load_state_dict(state["model_state"])
-        optimizer.load_state_dict(state["optimizer_state"])
-        scheduler.load_state_dict(state["scheduler_state"])
-        scaler.load_state_dict(state["scaler_state"])
-        restore_rng_state(state["rng_state"])
-        stopper = EarlyStopping(
-            config.monitor != "loss",
-            config.patience,
-            state["best_metric"],
-            state["best_epoch"],
-            state["epochs_without_improvement"],
-        )
-        start_epoch = state["epoch"] + 1
-        history = _read_history(fold_dir / "history.csv", state["epoch"])
-
-    bar = tqdm(
-        total=config.epochs, initial=start_epoch, desc=f"fold {fold}", unit="epoch",
-        disable=config.quiet or not context.is_main, dynamic_ncols=True,
-    )  # fmt: skip
-    finished = True
-    for epochs_run, epoch in enumerate(range(start_epoch, config.epochs)):
-        if stopper.should_stop:
-            break
-        if config.epoch_budget is not None and epochs_run >= config.epoch_budget:
-            finished = False
-            break
-        started = time.perf_counter()
-        # Dropout and sampling depend only on (seed, fold, epoch): a resumed run repeats them.
-        torch.manual_seed(config.seed * 100_003 + fold * 1009 + epoch)
-        sampler.set_epoch(epoch)
-        train_set.set_epoch(epoch)
-        train_loss, n_bags = train_one_epoch(
-            model, train_loader, optimizer, loss_fn, scaler, device,
-            amp=use_amp, grad_clip=config.grad_clip,
-        )  # fmt: skip
-        train_loss = mean_over_ranks(train_loss, n_bags, context)
-        metrics, val_loss = _evaluate(core, val_loader, val_set, names, weights, device, use_amp)
-        monitored = val_loss if config.monitor == "loss" else metrics[config.monitor]
-        lr = optimizer.param_groups[0]["lr"]
-        step_scheduler(scheduler, monitored)
-        improved = stopper.update(monitored, epoch)
-        history.append(
-            {
-                "epoch": epoch,
-                "train_loss": train_loss,
-                "val_loss": val_loss,
-                **{f"val_{k}": metrics[k] for k in METRIC_NAMES},
-                "lr": lr,
-                "seconds": round(time.perf_counter() - started, 3),
-            }
-        )
-        if context.is_main:
-            state = {
-                **static,
-                "model_state": core.state_dict(),
-                "optimizer_state": optimizer.state_dict(),
-                "scheduler_state": scheduler.state_dict(),
-                "scaler_state": scaler.state_dict(),
-                "rng_state": rng_state(),
-                "epoch": epoch,
-                "best_metric": stopper.best,
-                "best_epoch": stopper.best_epoch,
-                "epochs_without_improvement": stopper.epochs_without_improvement,
-            }
-            if improved:
-                save_checkpoint(fold_dir / "checkpoint_best.pt", state)
-            save_checkpoint(latest, state)
-            atomic.write_csv(fold_dir / "history.csv", pd.DataFrame(history))
-        bar.set_postfix(
-            train_loss=f"{train_loss:.3f}", val_loss=f"{val_loss:.3f}",
-            **{config.monitor: f"{monitored:.3f}"},
-        )  # fmt: skip
-        bar.update(1)
-    bar.close()
-    barrier(context)
-    if not finished:
-        return None
-    result = None
-    if context.is_main:
-        result = _finish_fold(
-            fold, fold_dir, parts, data, label_index, standardizer, config, device
-        )
-    barrier(context)
-    return result
-
-
-def _loader(dataset: BagDataset, config: TrainConfig, *, sampler=None, batch_size: int = 1):
-    # validation and test run bag by bag: all instances, no padding memory
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        shuffle=False,
-        collate_fn=pad_bags,
-        num_workers=config.workers,
-        pin_memory=torch.cuda.is_available(),
-    )
-
-
-def _fit_standardizer(train_ids: list[str], data: TrainData) -> Standardizer:
-    if data.cache is not None:
-        return fit_standardizer([data.cache[s] for s in train_ids])
-    return fit_standardizer([data.bags[s].path for s in train_ids])
-
-
-def _evaluate(model, loader, dataset, names, weights, device, amp):
-    probabilities, indices, _ = predict(model, loader, device, amp=amp)
-    labels = np.asarray(dataset.labels)[indices]
-    metrics = classification_metrics(labels, probabilities, len(names))
-    return metrics, mean_loss(probabilities, labels, weights)
-
-
-def _check_resumable(path: Path, state: dict[str, Any], static: dict[str, Any]) -> None:
-    saved = {k: v for k, v in state["config"].items() if k not in RUNTIME_OPTIONS}
-    now = {k: v for k, v in static["config"].items() if k not in RUNTIME_OPTIONS}
-    changed = sorted(k for k in now if saved.get(k) != now[k])
-    if changed:
-        raise ConfigError(
-            path,
-            f"cannot resume: option(s) {', '.join(changed)} differ from the interrupted run",
-            "use the same options, or a new --out folder",
-        )
-    if state["split"] != static["split"]:
-        raise ConfigError(
-            path,
-            "cannot resume: the split differs from the interrupted run (cohort or features "
-            "changed)",
-            "use a new --out folder",
-        )
-
-
-def _read_history(path: Path, last_epoch: int) -> list[dict[str, Any]]:
+def _read_record(path: Path, *, section: str | None = None) -> dict[str, Any] | None:
+    """A stage's resolved-options file (or one section of it); None when the file is absent."""
     if not path.is_file():
-        return []
-    frame = pd.read_csv(path)
-    return frame[frame["epoch"] <= last_epoch].to_dict("records")
+        return None
+    data = read_yaml(path)
+    return data if section is None else data.get(section)
 
 
-def _finish_fold(fold, fold_dir, parts, data, label_index, standardizer, config, device) -> dict:
-    """Predict val and test with the best checkpoint; write predictions and metrics.json last."""
-    best = load_checkpoint(fold_dir / "checkpoint_best.pt")
-    names = data.cohort.class_names
-    model = build_model(
-        best["model_name"],
-        in_dim=data.feature_dim,
-        n_classes=len(names),
-        **best["model_kwargs"],
-    )
-    model.load_state_dict(best["model_state"])
-    model.to(device)
-    use_amp = config.amp and device.type == "cuda"
-    tables = {}
-    for part in ("val", "test"):
-        ids = parts[part]
-        if not ids:
-            tables[part] = None
-            continue
-        dataset = BagDataset(
-            [data.bags[s] for s in ids],
-            [label_index[s] for s in ids],
-            cache=data.cache,
-            standardizer=standardizer,
-        )
-        probabilities, indices, _ = predict(model, _loader(dataset, config), device, amp=use_amp)
-        slide_ids = [ids[i] for i in indices]
-        tables[part] = prediction_table(
-            slide_ids,
-            [data.cohort[s].patient_id for s in slide_ids],
-            [label_index[s] for s in slide_ids],
-            probabilities,
-            names,
-            fold,
-        )
-    atomic.write_csv(fold_dir / "val_predictions.csv", tables["val"])
-    if tables["test"] is not None:
-        atomic.write_csv(fold_dir / "predictions.csv", tables["test"])
-        test = tables["test"]
-        probabilities = test[[f"prob_{n}" for n in names]].to_numpy()
-        metrics = classification_metrics(test["label_index"].to_numpy(), probabilities, len(names))
-    else:
-        metrics = dict.fromkeys(METRIC_NAMES, math.nan)
-    result = {
-        **{k: (None if math.isnan(v) else v) for k, v in metrics.items()},
-        "n_test": len(parts["test"]),
-        "best_epoch": int(best["epoch"]),
-        "monitor": config.monitor,
-        "best_val": None if math.isnan(best["best_metric"]) else best["best_metric"],
-    }
-    atomic.write_text(fold_dir / "metrics.json", json.dumps(result, indent=2))
-    if not config.quiet:
-        shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if not math.isnan(v))
-        tqdm.write(f"fold {fold}: test {shown} (best epoch {int(best['epoch'])})")
-    return result
+def _check_same_run(out: Path, config: TrainConfig, splits: pd.DataFrame) -> None:
+    fix = "use the same options and cohort, or a new --out folder"
+    previous = out / "config.yaml"
+    if previous.is_file():
+        saved = read_yaml(previous).get("train") or {}
+        now = config.result_options()
+        changed = sorted(k for k in now if k in saved and saved[k] != now[k])
+        if changed:
+            shown = ", ".join(f"{k} ({saved[k]!r} -> {now[k]!r})" for k in changed)
+            raise ConfigError(previous, f"this run folder was started with other {shown}", fix)
+    saved_splits = out / "splits.csv"
+    if saved_splits.is_file():
+        before = pd.read_csv(saved_splits, dtype=str, keep_default_na=False)
+        current = splits.astype(str)
+        if list(before.columns) != SPLIT_COLUMNS or not before.equals(current):
+            raise ConfigError(
+                saved_splits,
+                "the splits differ from this run folder's (the cohort or the usable feature "
+                "files changed)",
+                fix,
+            )

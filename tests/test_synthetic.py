@@ -17,8 +17,8 @@ from slidemil.cohort import load_cohort
 from slidemil.config import build
 from slidemil.errors import ConfigError
 from slidemil.slide import Slide
-from slidemil.synth import SynthConfig, load_truth, plan_cohort, synth
-from slidemil.synth.scene import LABEL_LESION, LABEL_TISSUE
+from slidemil.synthetic import SynthConfig, load_truth, plan_cohort, synth
+from slidemil.synthetic.scene import LABEL_LESION, LABEL_TISSUE
 
 
 def test_cohort_csv_lists_every_slide_with_patients(small_cohort):
@@ -40,6 +40,18 @@ def test_lesions_are_a_minority_of_the_tissue(small_cohort):
         lesion = (labels == LABEL_LESION).sum()
         assert tissue > 0.15 * labels.size
         assert 0 < lesion < 0.3 * tissue
+
+
+def test_lesion_fraction_option_sets_the_lesion_area(tmp_path):
+    def lesion_share(fraction):
+        out = tmp_path / str(fraction[0])
+        synth(out, slides=2, classes=2, size=1024, lesion_fraction=fraction, quiet=True)
+        labels = load_truth(out, "slide_0000").label_map(4)
+        return (labels == LABEL_LESION).sum() / np.isin(labels, (LABEL_TISSUE, LABEL_LESION)).sum()
+
+    assert lesion_share((0.02, 0.03)) < 0.05 < 0.15 < lesion_share((0.25, 0.3))
+    with pytest.raises(ConfigError, match="lesion_fraction"):
+        build(SynthConfig, section="synth", overrides={"lesion_fraction": (0.3, 0.1)})
 
 
 def test_truth_png_matches_scene(small_cohort):
@@ -117,7 +129,7 @@ def test_memory_stays_bounded_as_slides_grow(tmp_path):
     """Peak RSS of writing a 4x larger slide grows by far less than its pixels would take."""
     script = (
         "import resource, sys\n"
-        "from slidemil.synth import synth\n"
+        "from slidemil.synthetic import synth\n"
         "synth(sys.argv[1], slides=2, classes=2, size=int(sys.argv[2]), quiet=True)\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
     )

@@ -24,8 +24,8 @@ from slidemil.config import StageConfig, build, read_yaml, write_resolved
 from slidemil.errors import ConfigError
 from slidemil.formats.pyramid_tiff import write_pyramid
 from slidemil.runner import Task, run_per_slide
-from slidemil.synth.scene import LABEL_LESION, LABEL_TISSUE, SlideScene, make_scene
-from slidemil.synth.textures import lesion_style
+from slidemil.synthetic.scene import LABEL_LESION, LABEL_TISSUE, SlideScene, make_scene
+from slidemil.synthetic.textures import lesion_style
 
 REFERENCE_MPP = 0.5  # --size is measured in px at this resolution
 TRUTH_MAX_SIZE = 1024
@@ -63,6 +63,14 @@ class SynthConfig(StageConfig):
             raise ValueError("µm/px values must be positive")
         return values
 
+    @field_validator("lesion_fraction")
+    @classmethod
+    def _fraction_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not 0 < low <= high < 1:
+            raise ValueError("lesion_fraction must be (low, high) with 0 < low <= high < 1")
+        return value
+
     @model_validator(mode="after")
     def _enough_slides(self) -> SynthConfig:
         if self.slides < self.classes:
@@ -79,6 +87,7 @@ class SlidePlan:
     width: int
     height: int
     seed: int
+    lesion_fraction: tuple[float, float] = (0.05, 0.12)
 
 
 def class_names(n_classes: int) -> list[str]:
@@ -108,6 +117,7 @@ def plan_cohort(config: SynthConfig) -> list[SlidePlan]:
                         width=width,
                         height=height,
                         seed=int(rng.integers(2**31)),
+                        lesion_fraction=tuple(config.lesion_fraction),
                     )
                 )
             remaining -= n
@@ -191,7 +201,10 @@ def write_slide(slide_id: str, plan: SlidePlan, out: str, quality: int) -> str:
     """Render one slide and its ground truth (runs in a worker process)."""
     out_dir = Path(out)
     rng = np.random.default_rng(plan.seed)
-    scene = make_scene(rng, plan.width, plan.height, plan.mpp, plan.class_index)
+    scene = make_scene(
+        rng, plan.width, plan.height, plan.mpp, plan.class_index,
+        lesion_fraction=plan.lesion_fraction,
+    )  # fmt: skip
     magnification = round(10.0 / plan.mpp)
     path = write_pyramid(
         out_dir / "slides" / f"{slide_id}.svs",

@@ -16,7 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from slidemil.synth.textures import STROMA, lesion_style, sample_periodic, texture_at
+from slidemil.synthetic.textures import STROMA, lesion_style, sample_periodic, texture_at
 
 GLASS = (243, 243, 241)
 # Masks are evaluated on a grid this many level-0 px apart, then enlarged: boundaries are

@@ -1,0 +1,47 @@
+"""``slidemil predict``: a trained run + new slides (or features) -> predictions, attention."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from slidemil.cli.app import app, friendly_errors
+from slidemil.prediction.config import PredictConfig
+
+H = PredictConfig.field_help
+
+
+@app.command()
+@friendly_errors
+def predict(
+    run_dir: Path = typer.Argument(..., help="Run folder written by `slidemil train --out`."),
+    slides_csv: Path = typer.Argument(
+        ..., help="Cohort CSV of the slides: slide_id, path (+ label, patient_id, slide_mpp)."
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (e.g. preds/)."),
+    model: str = typer.Option(None, "--model", "-m", help=H("model")),
+    features: Path = typer.Option(None, "--features", help=H("features")),
+    step: int = typer.Option(None, "--step", help=H("step")),
+    device: str = typer.Option(None, help=H("device")),
+    batch_size: int = typer.Option(None, help=H("batch_size")),
+    workers: int = typer.Option(None, "--workers", "-j", help=H("workers")),
+    shard: str = typer.Option(None, help=H("shard")),
+    quiet: bool = typer.Option(None, "--quiet/--progress", help=H("quiet")),
+    config: Path = typer.Option(None, "--config", help="YAML file; its 'predict' section."),
+) -> None:
+    """Predict new slides with a trained run: patch and encode them with the options the run
+    recorded (or read --features), then write predictions.csv (class probabilities, predicted
+    class), attention/<slide_id>.h5 and failures.csv under OUT. Rerun to resume."""
+    from slidemil.prediction import predict as run_predict
+
+    options = dict(
+        model=model, features=features, step=step, device=device, batch_size=batch_size,
+        workers=workers, shard=shard, quiet=quiet,
+    )  # fmt: skip
+    summary = run_predict(run_dir, slides_csv, out, config_file=config, **options)
+    typer.echo(summary.line())
+    typer.echo(f"predictions: {out / 'predictions.csv'}")
+    typer.echo(f"attention:   {out / 'attention'}")
+    if summary.failed:
+        typer.echo(f"failures:    {out / 'failures.csv'}")

@@ -1,0 +1,56 @@
+"""``HeatmapConfig``: every option of ``slidemil heatmap`` (the ``heatmap`` section of a config)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from slidemil.config import StageConfig
+from slidemil.runner import Shard
+
+
+class HeatmapConfig(StageConfig):
+    """Options of ``slidemil heatmap`` (the ``heatmap:`` section of a config file)."""
+
+    normalisation: Literal["rank", "percentile", "minmax", "none"] = Field(
+        "rank", description="how scores map to colours: rank, percentile (1-99 clip), minmax, none"
+    )
+    model: str = Field(
+        "mean", description="which model's attention: 'mean' over folds, or a name like fold_0"
+    )
+    cmap: str = Field("jet", description="matplotlib colour map")
+    alpha: float = Field(0.5, ge=0, le=1, description="opacity of the heat map over the slide")
+    smooth: float = Field(
+        0.0, ge=0, description="Gaussian smoothing sigma, in patch sides (0 = none)"
+    )
+    thumbnail_size: int = Field(
+        2048, ge=128, le=20000, description="longer side of the overview figure in px"
+    )
+    top_k: int = Field(8, ge=0, description="patches in each row of the gallery (0 = none)")
+    geojson: bool = Field(True, description="write QuPath GeoJSON tiles with the scores")
+    tiff: bool = Field(
+        False, description="write a full-resolution pyramidal TIFF overlay (slow on huge slides)"
+    )
+    cohort: Path | None = Field(
+        None, description="cohort CSV giving slide paths (when slides moved since prediction)"
+    )
+    shard: str | None = Field(None, description="i/n: process every n-th slide from the i-th")
+    workers: int = Field(1, ge=1, description="slides rendered in parallel")
+    quiet: bool = Field(False, description="no progress bar")
+
+    @field_validator("cmap")
+    @classmethod
+    def _known_cmap(cls, value: str) -> str:
+        import matplotlib  # here, so that --help does not import it
+
+        if value not in matplotlib.colormaps:
+            raise ValueError(f"unknown colour map {value!r} (e.g. jet, viridis, inferno, coolwarm)")
+        return value
+
+    @field_validator("shard")
+    @classmethod
+    def _valid_shard(cls, value: str | None) -> str | None:
+        Shard.parse(value)
+        return value

@@ -1,0 +1,121 @@
+"""The models of a run's folds, applied to one slide's bag: class probabilities and attention.
+
+Each fold's model gets its own input: the raw features standardised with the mean and std of that
+fold's training split (folds of one run differ). Probabilities are put in the run's class order
+whatever order a checkpoint stores, and the ensemble's are the mean of the folds'.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from slidemil.errors import ArtifactError, ConfigError
+from slidemil.training.checkpoint import load_model_from_checkpoint
+
+
+@dataclass
+class FoldModel:
+    """One fold's trained model, its standardisation and its output order."""
+
+    name: str
+    model: nn.Module
+    mean: Tensor | None
+    std: Tensor | None
+    order: list[int]  # model output column of each run class
+
+
+@dataclass
+class SlideInference:
+    """What the models said about one bag of N instances, F models, C classes."""
+
+    probabilities: np.ndarray  # (F, C), run class order
+    attention: np.ndarray  # (N, F) softmax attention, each column sums to 1
+    scores: np.ndarray  # (N, F) raw pre-softmax attention scores
+
+    @property
+    def mean_probabilities(self) -> np.ndarray:
+        """(C,) the ensemble's class probabilities: the mean over models."""
+        return self.probabilities.mean(axis=0)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` is the first GPU when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(None, f"device {device!r} asked for but no CUDA GPU is visible")
+    return torch.device(device)
+
+
+class Ensemble:
+    """Fold models that score bags together (a single fold is an ensemble of one)."""
+
+    def __init__(self, folds: list[FoldModel], device: torch.device):
+        self.folds = folds
+        self.device = device
+
+    @property
+    def names(self) -> list[str]:
+        return [fold.name for fold in self.folds]
+
+    @classmethod
+    def load(
+        cls,
+        checkpoints: dict[str, Path],
+        class_names: tuple[str, ...],
+        feature_dim: int,
+        device: torch.device,
+    ) -> Ensemble:
+        """Load every checkpoint; refuse ones that disagree with the run on D or the classes."""
+        folds = []
+        for name, path in checkpoints.items():
+            model, state = load_model_from_checkpoint(path, device)
+            stored = [str(c) for c in state["class_names"]]
+            if sorted(stored) != sorted(class_names):
+                raise ArtifactError(
+                    path, f"classes {stored} differ from the run's {list(class_names)}"
+                )
+            if int(state["feature_dim"]) != feature_dim:
+                raise ArtifactError(
+                    path, f"takes {state['feature_dim']}-d features, the run {feature_dim}-d"
+                )
+            standardization = state.get("standardization")
+            mean = std = None
+            if standardization is not None:
+                mean = torch.as_tensor(standardization["mean"], dtype=torch.float32).to(device)
+                std = torch.as_tensor(standardization["std"], dtype=torch.float32).to(device)
+            order = [stored.index(c) for c in class_names]
+            folds.append(FoldModel(name, model.eval(), mean, std, order))
+        return cls(folds, device)
+
+    def infer(self, features: np.ndarray) -> SlideInference:
+        """Every model on the whole bag ``features`` (N, D), any float dtype, in one pass each.
+
+        The bag is moved to the device once in its stored dtype (float16 files stay half size);
+        each model's standardised float32 copy is freed before the next model runs.
+        """
+        n = features.shape[0]
+        probabilities, attention, scores = [], [], []
+        with torch.inference_mode():
+            bag = torch.from_numpy(np.ascontiguousarray(features)).to(self.device)
+            mask = torch.ones(1, n, dtype=torch.bool, device=self.device)
+            for fold in self.folds:
+                x = bag.to(torch.float32, copy=True)
+                if fold.mean is not None:
+                    x.sub_(fold.mean).div_(fold.std)
+                logits, weights, raw = fold.model(x[None], mask, return_scores=True)
+                del x
+                p = torch.softmax(logits.float(), dim=-1)[0, fold.order]
+                probabilities.append(p.cpu().numpy())
+                attention.append(weights[0].float().cpu().numpy())
+                scores.append(raw[0].float().cpu().numpy())
+        return SlideInference(
+            np.stack(probabilities).astype(np.float64),
+            np.stack(attention, axis=1).astype(np.float32),
+            np.stack(scores, axis=1).astype(np.float32),
+        )

@@ -1,0 +1,212 @@
+"""``predict()``: a trained run + new slides (or their features) -> predictions and attention.
+
+Layout under ``out``::
+
+    predictions.csv          slide_id, patient_id, [label], prob_<class> ..., predicted, n_patches
+    attention/<slide_id>.h5  coords, attention and raw scores per model (formats.attention_file)
+    failures.csv             slides without a prediction, with the reason (no_tissue, ...)
+    predict_config.yaml      the resolved options (and the patch / extract options used)
+    work/                    raw slides only: cohort.csv, patches/, features/<encoder>/
+
+An attention file marks its slide as done: a rerun (or a SLURM array over shards) skips it, and
+``predictions.csv`` is rebuilt from every attention file's attributes at the end of each run, so
+it lists every predicted slide whichever invocation predicted it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from slidemil import atomic
+from slidemil.cohort import Cohort, SlideRecord, load_cohort
+from slidemil.config import build, write_resolved
+from slidemil.errors import ConfigError
+from slidemil.formats.attention_file import (
+    AttentionMap,
+    is_complete_attention_file,
+    read_attention_attrs,
+    write_attention_file,
+)
+from slidemil.prediction.bags import read_slide_bag
+from slidemil.prediction.config import PredictConfig
+from slidemil.prediction.ensemble import Ensemble, resolve_device
+from slidemil.prediction.sources import (
+    FeatureSource,
+    existing_features,
+    features_from_slides,
+    recorded_stages,
+)
+from slidemil.prediction.trained_run import TrainedRun
+from slidemil.runner import RunSummary, Shard, Task, run_per_slide
+
+CONFIG_NAME = "predict_config.yaml"
+PROB_PREFIX = "prob_"
+
+
+@dataclass
+class PredictSummary:
+    """What :func:`predict` did: the per-slide run, the full prediction table and the folder."""
+
+    run: RunSummary
+    predictions: pd.DataFrame
+    out: Path
+
+    @property
+    def failed(self) -> dict[str, str]:
+        """Slide id -> why it has no prediction (its patching, extraction or model error)."""
+        return self.run.failed
+
+    def line(self) -> str:
+        return f"{self.run.line()}; {len(self.predictions)} slide(s) in predictions.csv"
+
+
+def predict(
+    run_dir: str | Path,
+    slides_csv: str | Path,
+    out: str | Path,
+    config: PredictConfig | None = None,
+    *,
+    config_file: str | Path | None = None,
+    **options: Any,
+) -> PredictSummary:
+    """Predict the slides of ``slides_csv`` with the models of training run ``run_dir``.
+
+    ``slides_csv`` is a cohort CSV (``slide_id, path``; ``label``, ``patient_id``,
+    ``slide_mpp`` optional). Raw slides are patched and encoded under ``out/work`` with the
+    options the run recorded; ``features=`` skips that and reads ``<folder>/<slide_id>.h5``.
+    Options are :class:`PredictConfig` fields (``model="fold_0"``, ``step=128``, ...); a YAML
+    ``config_file``'s ``predict`` section supplies defaults. A slide that fails (no tissue, a
+    corrupt file) is recorded in ``out/failures.csv`` and the others go on.
+    """
+    config = config or build(
+        PredictConfig, section="predict", config_file=config_file, overrides=options
+    )
+    if config.features is not None and config.step is not None:
+        raise ConfigError(
+            None,
+            "--step re-patches raw slides; it does not apply to existing --features",
+            "drop --features to re-infer with overlapping patches",
+        )
+    out = Path(out)
+    run = TrainedRun.open(run_dir)
+    checkpoints = run.checkpoints(config.model)
+    raw = config.features is None
+    if raw:
+        recorded_stages(run)  # before any work: can new slides be processed like the run's?
+    cohort = load_cohort(slides_csv, require_labels=False, check_files=raw)
+    _check_same_predictions(out, run, list(checkpoints))
+    device = resolve_device(config.device)
+    ensemble = Ensemble.load(checkpoints, run.class_names, run.feature_dim, device)
+
+    if config.features is not None:
+        source = existing_features(Path(config.features), run)
+    else:
+        source = features_from_slides(Path(slides_csv), out, run, config)
+    write_resolved(out / CONFIG_NAME, {"predict": config, **source.stages})
+
+    attention_dir = out / "attention"
+    predictor = SlidePredictor(run, ensemble, source, attention_dir)
+    tasks = [
+        Task(r.slide_id, str(r.path), (r,)) for r in Shard.parse(config.shard).select(list(cohort))
+    ]
+
+    def is_done(task: Task) -> bool:
+        return is_complete_attention_file(attention_dir / f"{task.slide_id}.h5")
+
+    summary = run_per_slide(
+        "predict", tasks, predictor, out_dir=out, is_done=is_done, workers=1, quiet=config.quiet
+    )
+    table = prediction_table(cohort, attention_dir, run.class_names)
+    atomic.write_csv(out / "predictions.csv", table)
+    return PredictSummary(summary, table, out)
+
+
+class SlidePredictor:
+    """The per-slide work: read the bag, run every model, write the attention file."""
+
+    def __init__(self, run: TrainedRun, ensemble: Ensemble, source: FeatureSource, out: Path):
+        self.run, self.ensemble, self.source, self.out = run, ensemble, source, out
+
+    def __call__(self, slide_id: str, record: SlideRecord) -> int:
+        path = self.source.folder / f"{slide_id}.h5"
+        if not path.is_file():
+            raise self.source.missing(slide_id, path)
+        bag = read_slide_bag(
+            path, record.path, record.slide_mpp,
+            feature_dim=self.run.feature_dim, identity=self.source.identity,
+        )  # fmt: skip
+        result = self.ensemble.infer(bag.features)
+        probabilities = result.mean_probabilities
+        names = self.run.class_names
+        attrs = {
+            "slide_id": slide_id,
+            "slide_path": str(record.path),
+            "label": record.label,
+            "models": self.ensemble.names,
+            "class_names": list(names),
+            "probabilities": [float(p) for p in probabilities],
+            "model_probabilities": {
+                name: [float(p) for p in row]
+                for name, row in zip(self.ensemble.names, result.probabilities, strict=True)
+            },
+            "predicted": names[int(np.argmax(probabilities))],
+            "n_patches": len(bag.coords),
+            "run": str(self.run.path),
+            "features": str(path),
+            "encoder": bag.encoder,
+            "weights": bag.weights,
+            **bag.geometry,
+        }
+        write_attention_file(
+            self.out / f"{slide_id}.h5",
+            AttentionMap(bag.coords, result.attention, result.scores, attrs),
+        )
+        return len(bag.coords)
+
+
+def prediction_table(
+    cohort: Cohort, attention_dir: Path, class_names: tuple[str, ...]
+) -> pd.DataFrame:
+    """One row per cohort slide with an attention file, in cohort order."""
+    with_labels = cohort.has_labels
+    rows = []
+    for record in cohort:
+        path = attention_dir / f"{record.slide_id}.h5"
+        if not is_complete_attention_file(path):
+            continue
+        attrs = read_attention_attrs(path)
+        row: dict[str, Any] = {"slide_id": record.slide_id, "patient_id": record.patient_id}
+        if with_labels:
+            row["label"] = record.label
+        stored = list(attrs.get("class_names") or [])
+        for name in class_names:
+            row[f"{PROB_PREFIX}{name}"] = attrs["probabilities"][stored.index(name)]
+        row["predicted"] = attrs.get("predicted")
+        row["n_patches"] = attrs.get("n_patches")
+        rows.append(row)
+    columns = ["slide_id", "patient_id", *(["label"] if with_labels else [])]
+    columns += [f"{PROB_PREFIX}{c}" for c in class_names] + ["predicted", "n_patches"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _check_same_predictions(out: Path, run: TrainedRun, models: list[str]) -> None:
+    """Refuse to mix predictions of another run or model choice in one folder (a rerun with the
+    same ones resumes)."""
+    folder = out / "attention"
+    for path in sorted(folder.glob("*.h5")) if folder.is_dir() else []:
+        if atomic.is_temp_file(path) or not is_complete_attention_file(path):
+            continue
+        attrs = read_attention_attrs(path)
+        if attrs.get("run") != str(run.path) or list(attrs.get("models") or []) != models:
+            raise ConfigError(
+                out,
+                f"holds predictions of run {attrs.get('run')} with {attrs.get('models')}, not "
+                f"{run.path} with {models}",
+                "use a new --out folder",
+            )
+        return

@@ -1,0 +1,351 @@
+"""``slidemil extract`` on real SVS files: features are right and stable, runs resume, bad slides
+are reported, shards and torchrun ranks split the cohort, and the CLI works.
+
+Everything runs resnet18 with seeded random weights on 32 px patches, so a run takes a second.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from slidemil import __version__
+from slidemil.encoders import get_encoder
+from slidemil.errors import ConfigError, WeightsError
+from slidemil.extraction import extract
+from slidemil.extraction.distributed import RankInfo, rank_shard
+from slidemil.formats.feature_file import read_feature_file
+from slidemil.formats.patch_file import read_patch_file
+from slidemil.patching import patch
+from slidemil.runner import Shard, read_failures
+from slidemil.slide import Slide
+
+FAST = {"encoder": "resnet18", "weights": "random", "device": "cpu", "quiet": True}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The test machine is shared: one thread avoids oversubscription and is several times faster.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def work(small_cohort, tmp_path_factory):
+    """``small_cohort`` patched at 2 µm/px with 32 px patches (~400 patches in 6 slides)."""
+    out = tmp_path_factory.mktemp("extract_work")
+    summary = patch(
+        small_cohort / "cohort.csv", out, mpp=2.0, patch_size=32, workers=1, quiet=True,
+        previews=False,
+    )  # fmt: skip
+    assert not summary.failed
+    return out
+
+
+@pytest.fixture(scope="module")
+def extracted(work):
+    """One reference extraction (float32, batch 16, no workers); read-only."""
+    summary = extract(work, **FAST, batch_size=16, workers=0, dtype="float32", features_name="ref")
+    assert not summary.failed and len(summary.done) == 6
+    return work / "features" / "ref"
+
+
+def _copy(work: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "work"
+    shutil.copytree(work, out, ignore=shutil.ignore_patterns("features"))
+    return out
+
+
+def _finished(folder: Path) -> list[Path]:
+    """Feature files at their final names (temp files start with a dot)."""
+    return sorted(p for p in folder.glob("*.h5") if not p.name.startswith("."))
+
+
+def _slide_ids(work: Path) -> list[str]:
+    return pd.read_csv(work / "cohort.csv")["slide_id"].tolist()
+
+
+def test_features_equal_a_plain_read_then_encode_loop(work, extracted):
+    """What a CLAM-style loop gives: read_region per patch, encode, in order."""
+    encoder = get_encoder("resnet18", "random")
+    slide_id = _slide_ids(work)[0]
+    patches = read_patch_file(work / "patches" / f"{slide_id}.h5")
+    cohort = pd.read_csv(work / "cohort.csv").set_index("slide_id")
+    with Slide(cohort.loc[slide_id, "path"]) as slide:
+        images = np.stack(
+            [slide.read_region(tuple(xy), patches.read_level, (32, 32)) for xy in patches.coords]
+        )
+    with torch.inference_mode():
+        expected = encoder(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
+    bag = read_feature_file(extracted / f"{slide_id}.h5")
+    assert bag.features.shape == (len(patches), 512)
+    np.testing.assert_array_equal(bag.coords, patches.coords)
+    np.testing.assert_allclose(bag.features, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_features_match_across_batch_sizes_and_worker_counts(work, extracted):
+    extract(work, **FAST, batch_size=5, workers=2, dtype="float32", features_name="b5w2")
+    for slide_id in _slide_ids(work):
+        a = read_feature_file(extracted / f"{slide_id}.h5")
+        b = read_feature_file(work / "features" / "b5w2" / f"{slide_id}.h5")
+        np.testing.assert_array_equal(a.coords, b.coords)
+        np.testing.assert_allclose(a.features, b.features, rtol=1e-4, atol=1e-4)
+
+
+def test_feature_file_records_its_provenance(work, extracted):
+    slide_id = _slide_ids(work)[1]
+    patches = read_patch_file(work / "patches" / f"{slide_id}.h5")
+    with h5py.File(extracted / f"{slide_id}.h5", "r") as f:
+        assert f["features"].dtype == np.float32 and f["features"].shape == (len(patches), 512)
+        np.testing.assert_array_equal(f["coords"][:], patches.coords)
+        attrs = dict(f.attrs)
+    assert attrs["format_version"] == 1 and attrs["slidemil_version"] == __version__
+    assert attrs["encoder"] == "resnet18" and attrs["weights"] == "random:seed=0"
+    assert attrs["dtype"] == "float32" and attrs["feature_dim"] == 512
+    assert attrs["precision"] == "float32" and attrs["input_size"] == 32
+    assert json.loads(attrs["transform"])["mean"] == [0.485, 0.456, 0.406]
+    assert attrs["slide_id"] == slide_id and attrs["patch_size"] == 32
+    assert attrs["read_level"] == patches.read_level and attrs["target_mpp"] == 2.0
+    config = (extracted / "extract_config.yaml").read_text()
+    assert "weights_identity: random:seed=0" in config and "batch_size: 16" in config
+
+
+def test_float16_is_the_default_and_a_finished_folder_is_skipped(work, tmp_path):
+    work = _copy(work, tmp_path)
+    first = extract(work, **FAST, batch_size=32, workers=0)
+    assert len(first.done) == 6
+    folder = work / "features" / "resnet18"
+    assert read_feature_file(folder / f"{first.done[0]}.h5", dtype=None).features.dtype == (
+        np.float16
+    )
+    stamps = {p.name: p.stat().st_mtime_ns for p in _finished(folder)}
+    again = extract(work, **FAST, batch_size=32, workers=0)
+    assert not again.done and sorted(again.skipped) == sorted(first.done)
+    assert stamps == {p.name: p.stat().st_mtime_ns for p in _finished(folder)}
+
+
+def test_other_weights_are_refused_in_the_same_folder(work, tmp_path):
+    work = _copy(work, tmp_path)
+    ids = _slide_ids(work)
+    cohort = pd.read_csv(work / "cohort.csv")
+    cohort[cohort.slide_id == ids[0]].to_csv(work / "cohort.csv", index=False)
+    extract(work, **FAST, workers=0)
+    cohort.to_csv(work / "cohort.csv", index=False)  # more slides to do, now with other weights
+    checkpoint = tmp_path / "other.pth"
+    torch.save(get_encoder("resnet18", "random").model.state_dict(), checkpoint)
+    with pytest.raises(ConfigError, match=r"another weights_identity .*--features-name"):
+        extract(work, **{**FAST, "weights": str(checkpoint)}, workers=0)
+
+
+def test_missing_weights_file_is_one_line_naming_it(work, tmp_path):
+    work = _copy(work, tmp_path)
+    with pytest.raises(WeightsError) as info:
+        extract(work, **{**FAST, "weights": str(tmp_path / "uni.pth")}, workers=0)
+    assert str(info.value).count("\n") == 0 and "uni.pth: weights file not found" in str(info.value)
+    assert not (work / "features" / "resnet18").exists(), "nothing written before the weights"
+
+
+def test_bad_slides_are_recorded_and_the_others_finish(work, tmp_path):
+    work = _copy(work, tmp_path)
+    cohort = pd.read_csv(work / "cohort.csv")
+    good = cohort.iloc[0]
+    patches = work / "patches"
+    broken_svs = tmp_path / "corrupt.svs"
+    broken_svs.write_bytes(Path(good.path).read_bytes()[:4096])  # a header and nothing else
+    bad = {
+        "no_patch_file": good.path,
+        "truncated_patch_file": good.path,
+        "corrupt_slide": str(broken_svs),
+        "missing_slide": str(tmp_path / "gone.svs"),
+    }
+    shutil.copy(patches / f"{good.slide_id}.h5", patches / "corrupt_slide.h5")
+    shutil.copy(patches / f"{good.slide_id}.h5", patches / "missing_slide.h5")
+    data = (patches / f"{good.slide_id}.h5").read_bytes()
+    (patches / "truncated_patch_file.h5").write_bytes(data[: len(data) // 2])
+    rows = [{**good.to_dict(), "slide_id": sid, "path": path} for sid, path in bad.items()]
+    # the bad slides sit between good ones: the stream must stay aligned after each failure
+    mixed = pd.concat([cohort.iloc[:2], pd.DataFrame(rows), cohort.iloc[2:]], ignore_index=True)
+    mixed.to_csv(work / "cohort.csv", index=False)
+
+    summary = extract(work, **FAST, batch_size=8, workers=2)
+
+    assert sorted(summary.failed) == sorted(bad)
+    assert sorted(summary.done) == sorted(cohort.slide_id)
+    failures = read_failures(work / "features" / "resnet18").set_index("slide_id")
+    assert sorted(failures.index) == sorted(bad)
+    assert failures.loc["no_patch_file", "reason"] == "bad_artifact"
+    assert "patch file not found" in failures.loc["no_patch_file", "error"]
+    assert "truncated" in failures.loc["truncated_patch_file", "error"]
+    assert failures.loc["corrupt_slide", "reason"] == "unreadable_slide"
+    assert failures.loc["missing_slide", "error"].endswith("gone.svs: file not found")
+    folder = work / "features" / "resnet18"
+    assert not any(folder.glob(".*")) or {p.name for p in folder.glob(".*")} == {".failures"}
+    for slide_id in cohort.slide_id:  # good slides after the bad ones are right, not shifted
+        expected = read_patch_file(patches / f"{slide_id}.h5").coords
+        np.testing.assert_array_equal(read_feature_file(folder / f"{slide_id}.h5").coords, expected)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+@pytest.mark.skipif(
+    not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").is_file(),
+    reason="needs Linux /proc/<pid>/task/<tid>/children",
+)
+def test_a_reader_process_killed_mid_run_costs_no_slide(work, extracted, tmp_path):
+    """A worker dying (a decoder segfault, an OOM kill) is survived: the slide it hit is read
+    again by a fresh loader and every slide ends complete and right."""
+    work = _copy(work, tmp_path)
+    killed: list[int] = []
+    done = threading.Event()
+
+    def kill_first_worker() -> None:
+        while not done.is_set():
+            workers = _children(os.getpid())
+            if workers:
+                time.sleep(0.05)  # let it start reading
+                os.kill(workers[0], signal.SIGKILL)
+                killed.append(workers[0])
+                return
+            time.sleep(0.002)
+
+    killer = threading.Thread(target=kill_first_worker)
+    killer.start()
+    try:
+        summary = extract(
+            work, **FAST, batch_size=4, workers=2, dtype="float32", features_name="crash"
+        )
+    finally:
+        done.set()
+        killer.join()
+    assert killed, "no worker was seen"
+    assert not summary.failed and sorted(summary.done) == sorted(_slide_ids(work))
+    for slide_id in _slide_ids(work):
+        a = read_feature_file(extracted / f"{slide_id}.h5")
+        b = read_feature_file(work / "features" / "crash" / f"{slide_id}.h5")
+        np.testing.assert_allclose(a.features, b.features, rtol=1e-4, atol=1e-4)
+
+
+def test_rank_shard_covers_every_slide_exactly_once():
+    items = list(range(23))
+    for count in (1, 2, 3, 5):
+        for world in (1, 2, 4):
+            seen = []
+            for index in range(count):
+                for rank in range(world):
+                    shard = rank_shard(Shard(index, count), RankInfo(rank, world, rank % 2))
+                    seen.extend(shard.select(items))
+            assert sorted(seen) == items, (count, world)
+
+
+def test_torchrun_ranks_take_disjoint_shards_that_cover_the_cohort(work, tmp_path, monkeypatch):
+    work = _copy(work, tmp_path)
+    done = []
+    for rank in (0, 1):  # what torchrun --nproc-per-node 2 sets, one rank after the other
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("LOCAL_RANK", str(rank))
+        summary = extract(work, **FAST, workers=0)
+        assert not summary.failed and not summary.skipped
+        done.append(set(summary.done))
+    assert done[0] and done[1] and not done[0] & done[1]
+    assert done[0] | done[1] == set(_slide_ids(work))
+    assert len(_finished(work / "features" / "resnet18")) == 6
+
+
+def test_shard_option_selects_every_nth_slide(work, tmp_path):
+    work = _copy(work, tmp_path)
+    summary = extract(work, **FAST, workers=0, shard="1/3")
+    assert summary.done == _slide_ids(work)[1::3]
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_without_redoing_finished_slides(work, tmp_path):
+    work = _copy(work, tmp_path)
+    cohort = pd.read_csv(work / "cohort.csv")
+    # 24 slides (each file listed four times) so the run is still going when it is killed
+    copies = []
+    for k in range(4):
+        part = cohort.copy()
+        part["slide_id"] = [f"{s}_c{k}" for s in cohort.slide_id]
+        for old, new in zip(cohort.slide_id, part.slide_id, strict=True):
+            shutil.copy(work / "patches" / f"{old}.h5", work / "patches" / f"{new}.h5")
+        copies.append(part)
+    pd.concat(copies).to_csv(work / "cohort.csv", index=False)
+    folder = work / "features" / "resnet18"
+    command = [
+        sys.executable, "-m", "slidemil", "extract", str(work), "--encoder", "resnet18",
+        "--weights", "random", "--device", "cpu", "--workers", "0", "--batch-size", "4",
+        "--quiet",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not _finished(folder):
+            assert process.poll() is None, process.stderr.read().decode()
+            assert time.monotonic() < deadline, "no feature file after 120 s"
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    finished = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in _finished(folder)}
+    assert 1 <= len(finished) < 24, "the run must be killed half-way"
+
+    summary = extract(work, **FAST, workers=0, batch_size=4)
+
+    assert sorted(summary.skipped) == sorted(name[:-3] for name in finished)
+    assert len(summary.done) + len(summary.skipped) == 24 and not summary.failed
+    for name, stamp in finished.items():
+        path = folder / name
+        assert (path.stat().st_ino, path.stat().st_mtime_ns) == stamp, f"{name} was rewritten"
+    assert len(_finished(folder)) == 24
+    assert not [p for p in folder.iterdir() if ".tmp-" in p.name], "temp files are cleared"
+    for path in _finished(folder):
+        bag = read_feature_file(path)
+        assert len(bag) == len(read_patch_file(work / "patches" / path.name))
+
+
+def test_cli_extract_and_encoders(work, tmp_path):
+    from slidemil.cli import (
+        app,
+        commands,  # noqa: F401 - registers the commands
+    )
+
+    work = _copy(work, tmp_path)
+    runner = CliRunner()
+    args = ["extract", str(work), "-e", "resnet18", "--weights", "random", "--device", "cpu"]
+    result = runner.invoke(app, [*args, "-j", "0", "--batch-size", "64", "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    assert len(_finished(work / "features" / "resnet18")) == 6
+
+    missing = runner.invoke(app, [*args[:4], "--weights", "x.pth", "--features-name", "other"])
+    assert missing.exit_code == 2 and "x.pth: weights file not found" in missing.output
+
+    table = runner.invoke(app, ["encoders", "resnet*"])
+    assert table.exit_code == 0
+    lines = table.output.splitlines()
+    assert lines[0].split()[:3] == ["name", "output_dim", "input_size"]
+    assert any(line.split()[:2] == ["resnet50-trunc", "1024"] for line in lines)
+    assert not any(line.startswith("uni") for line in lines)

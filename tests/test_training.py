@@ -1,0 +1,407 @@
+"""Training: the model learns a planted signal, splits never leak patients, a killed run resumes
+to the same weights, torchrun (gloo, CPU) works, options are validated, outputs have their layout.
+
+Every run uses real feature files written by ``tests/random_bags.py`` and real torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from random_bags import make_random_work
+from slidemil.config import STAGE_SECTIONS, build, write_resolved
+from slidemil.errors import ConfigError
+from slidemil.evaluation.metrics import AbsentClassWarning
+from slidemil.training import (
+    MissingBagsWarning,
+    TrainConfig,
+    load_checkpoint,
+    load_model_from_checkpoint,
+    train,
+)
+from slidemil.training.bags import read_bag
+
+REPO = Path(__file__).resolve().parents[1]
+FOLD_FILES = {
+    "checkpoint_best.pt",
+    "checkpoint_latest.pt",
+    "history.csv",
+    "metrics.json",
+    "predictions.csv",
+    "val_predictions.csv",
+}
+HISTORY_COLUMNS = [
+    "epoch",
+    "train_loss",
+    "val_loss",
+    "val_accuracy",
+    "val_balanced_accuracy",
+    "val_macro_f1",
+    "val_macro_auc",
+    "lr",
+    "seconds",
+]
+# a small, fast model for the runs that check mechanics rather than learning
+TINY = {"hidden_dim": 16, "attention_dim": 8, "quiet": True, "device": "cpu"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():  # module scope: it must be in force before the module-scoped runs
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory):
+    """One run on an imbalanced 3-class cohort (16/12/8 patients) with a planted signal, with
+    the patch and extract records that run.json copies."""
+    root = tmp_path_factory.mktemp("learned")
+    work = make_random_work(root / "work", class_patients=(16, 12, 8), dim=24, seed=1)
+    write_resolved(root / "work" / "patch_config.yaml", {"patch": {"mpp": 0.5, "patch_size": 256}})
+    extract_record = {
+        "extract": {"encoder": work.encoder, "dtype": "float16"},
+        "identity": {"encoder": work.encoder, "weights_identity": "random:seed=0"},
+    }
+    write_resolved(
+        root / "work" / "features" / work.encoder / "extract_config.yaml", extract_record
+    )
+    out = root / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a clean run warns about nothing
+        result = train(
+            work.root, out, epochs=12, lr=1e-3, max_patches=24, patience=5,
+            hidden_dim=32, attention_dim=16, quiet=True, device="cpu",
+        )  # fmt: skip
+    return work, out, result, extract_record
+
+
+def test_the_model_learns_the_planted_signal_and_attends_to_it(learned):
+    work, out, result, _ = learned
+    metrics = result.folds[0]
+    assert metrics == json.loads((out / "fold_0" / "metrics.json").read_text())
+    assert metrics["n_test"] >= 9
+    assert metrics["balanced_accuracy"] >= 0.8  # chance: 1/3
+
+    model, state = load_model_from_checkpoint(out / "fold_0" / "checkpoint_best.pt")
+    mean, std = (state["standardization"][k].numpy() for k in ("mean", "std"))
+    hits = []
+    for slide_id in state["split"]["test"]:
+        bag = (read_bag(work.feature_path(slide_id)).astype(np.float32) - mean) / std
+        with torch.no_grad():
+            _, attention = model(torch.from_numpy(bag)[None], torch.ones(1, len(bag), dtype=bool))
+        top = np.argsort(-attention[0].numpy())[: len(work.signal[slide_id])]
+        hits.append(np.isin(top, work.signal[slide_id]).mean())
+    assert np.mean(hits) >= 0.8  # the planted instances are ranked first
+
+
+def test_class_weights_are_total_over_classes_times_count_of_the_training_part(learned):
+    _, out, _, _ = learned
+    splits = pd.read_csv(out / "splits.csv")
+    counts = splits[splits["part"] == "train"]["label"].value_counts()
+    state = load_checkpoint(out / "fold_0" / "checkpoint_best.pt")
+    expected = [counts.sum() / (3 * counts[name]) for name in state["class_names"]]
+    assert state["class_weights"] == pytest.approx(expected)
+    assert len(set(np.round(expected, 6))) == 3  # the cohort is imbalanced
+
+
+def test_no_patient_is_in_two_parts_and_the_split_is_70_15_15(learned):
+    work, out, _, _ = learned
+    splits = pd.read_csv(out / "splits.csv", dtype=str)
+    assert list(splits.columns) == ["slide_id", "patient_id", "label", "fold", "part"]
+    cohort = pd.read_csv(work.root / "cohort.csv", dtype=str)
+    assert sorted(splits["slide_id"]) == sorted(cohort["slide_id"])
+    assert splits.groupby("patient_id")["part"].nunique().max() == 1
+    share = splits.drop_duplicates("patient_id")["part"].value_counts(normalize=True)
+    assert share["train"] == pytest.approx(0.7, abs=0.08)
+    state = load_checkpoint(out / "fold_0" / "checkpoint_latest.pt")
+    for part, ids in state["split"].items():
+        assert sorted(ids) == sorted(splits.loc[splits["part"] == part, "slide_id"])
+
+
+def test_run_outputs_have_their_documented_layout(learned):
+    work, out, result, extract_record = learned
+    assert {p.name for p in out.iterdir()} == {"config.yaml", "run.json", "splits.csv", "fold_0"}
+    assert {p.name for p in (out / "fold_0").iterdir()} == FOLD_FILES
+    run = json.loads((out / "run.json").read_text())
+    assert run["class_names"] == ["class_0", "class_1", "class_2"]
+    assert run["folds"] == 1 and run["feature_dim"] == 24 and run["encoder"] == work.encoder
+    assert run["patch_config"] == {"mpp": 0.5, "patch_size": 256}
+    assert run["extract_config"] == extract_record
+    # the resolved config is itself a valid --config file
+    resolved = build(TrainConfig, section="train", config_file=out / "config.yaml")
+    assert resolved.epochs == 12 and resolved.lr == 1e-3 and resolved.max_patches == 24
+
+    history = pd.read_csv(out / "fold_0" / "history.csv")
+    assert list(history.columns) == HISTORY_COLUMNS
+    metrics = result.folds[0]
+    assert {"accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "recall_class_2"} <= set(
+        metrics
+    )
+    # the best epoch is the best balanced accuracy, ties going to the lower validation loss
+    best = history.sort_values(["val_balanced_accuracy", "val_loss"], ascending=[False, True])
+    assert metrics["best_epoch"] == best["epoch"].iloc[0]
+    # early stopping: it ran out of epochs, or stopped `patience` epochs after the best one
+    assert len(history) == 12 or len(history) == metrics["best_epoch"] + 5 + 1
+
+    predictions = pd.read_csv(out / "fold_0" / "predictions.csv")
+    assert len(predictions) == metrics["n_test"]
+    assert predictions[[f"prob_class_{k}" for k in range(3)]].sum(axis=1).to_numpy() == (
+        pytest.approx(1.0, abs=1e-5)
+    )
+
+
+def test_evaluation_reads_the_run(learned):
+    from slidemil.evaluation import evaluate
+
+    _, out, result, _ = learned
+    report = evaluate(out, out=out.parent / "report", quiet=True)
+    mean, _ = report.mean_std("balanced_accuracy")
+    assert mean == pytest.approx(result.folds[0]["balanced_accuracy"])
+    assert (out.parent / "report" / "training_curves.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("schedule", "switch_cache"), [("warmup-cosine", False), ("plateau", True)]
+)
+def test_a_stopped_run_resumes_to_the_same_weights_as_an_uninterrupted_one(
+    tmp_path, schedule, switch_cache
+):
+    work = make_random_work(tmp_path / "work", patients=12, dim=16, seed=2)
+    options = dict(
+        TINY, epochs=5, lr=3e-3, max_patches=12, dropout=0.25, schedule=schedule,
+        warmup_epochs=2, patience=None,
+    )  # fmt: skip
+    whole = train(work.root, tmp_path / "whole", **options)
+
+    stopped = tmp_path / "stopped"
+    # runtime options may change between invocations without changing the result
+    runtime = {"workers": 1} if switch_cache else {}
+    first = train(work.root, stopped, epoch_budget=2, cache=not switch_cache, **runtime, **options)
+    assert first.folds == {0: None} and not (stopped / "fold_0" / "metrics.json").exists()
+    assert len(pd.read_csv(stopped / "fold_0" / "history.csv")) == 2
+    # a save killed half-way leaves a temp file, which resuming ignores
+    (stopped / "fold_0" / ".checkpoint_latest.tmp-deadbeef.pt").write_bytes(b"partial")
+    train(work.root, stopped, epoch_budget=1, cache=switch_cache, **runtime, **options)
+    resumed = train(work.root, stopped, cache=not switch_cache, **runtime, **options)
+
+    assert resumed.folds[0] == whole.folds[0]
+    for name in ("checkpoint_latest.pt", "checkpoint_best.pt"):
+        a = load_checkpoint(tmp_path / "whole" / "fold_0" / name)
+        b = load_checkpoint(stopped / "fold_0" / name)
+        assert a["epoch"] == b["epoch"]
+        assert a["model_state"].keys() == b["model_state"].keys()
+        for key, tensor in a["model_state"].items():
+            assert torch.equal(tensor, b["model_state"][key]), key
+        assert a["scheduler_state"] == b["scheduler_state"]
+        moments = [s["exp_avg"] for s in a["optimizer_state"]["state"].values()]
+        moments_b = [s["exp_avg"] for s in b["optimizer_state"]["state"].values()]
+        assert all(torch.equal(x, y) for x, y in zip(moments, moments_b, strict=True))
+    history_a = pd.read_csv(tmp_path / "whole" / "fold_0" / "history.csv").drop(columns="seconds")
+    history_b = pd.read_csv(stopped / "fold_0" / "history.csv").drop(columns="seconds")
+    pd.testing.assert_frame_equal(history_a, history_b, check_exact=True)
+    for name in ("predictions.csv", "val_predictions.csv"):
+        assert (tmp_path / "whole" / "fold_0" / name).read_text() == (
+            stopped / "fold_0" / name
+        ).read_text()
+    if schedule == "warmup-cosine":
+        lr = history_a["lr"].to_numpy()
+        assert lr[0] < lr[1] < lr[2] and lr[2] > lr[3] > lr[4]
+
+
+def test_a_run_folder_refuses_other_options_and_a_checkpoint_other_splits(tmp_path):
+    work = make_random_work(tmp_path / "work", patients=12, dim=16, seed=3)
+    train(work.root, tmp_path / "run", epochs=3, epoch_budget=1, **TINY)
+    with pytest.raises(ConfigError, match=r"lr \(0.0002 -> 0.001\)"):
+        train(work.root, tmp_path / "run", epochs=3, lr=1e-3, **TINY)
+    # runtime options may change
+    train(work.root, tmp_path / "run", epochs=3, epoch_budget=1, cache=False, workers=1, **TINY)
+    # another cohort gives other splits: refused
+    (work.feature_path("p000_s0")).unlink()
+    with (
+        pytest.warns(MissingBagsWarning),
+        pytest.raises(ConfigError, match="splits differ"),
+    ):
+        train(work.root, tmp_path / "run", epochs=3, **TINY)
+
+
+def test_k_fold_trains_only_the_fold_asked_for_then_the_others(tmp_path):
+    work = make_random_work(tmp_path / "work", patients=12, dim=16, seed=4)
+    out = tmp_path / "cv"
+    result = train(work.root, out, folds=3, fold=1, epochs=2, **TINY)
+    assert list(result.folds) == [1] and result.folds[1] is not None
+    assert {p.name for p in out.iterdir()} == {"config.yaml", "run.json", "splits.csv", "fold_1"}
+    assert {p.name for p in (out / "fold_1").iterdir()} == FOLD_FILES
+    splits = pd.read_csv(out / "splits.csv", dtype={"fold": int})
+    assert sorted(splits["fold"].unique()) == [0, 1, 2]
+    assert json.loads((out / "run.json").read_text())["folds"] == 3
+    assert splits.groupby(["fold", "patient_id"])["part"].nunique().max() == 1
+    tested = splits[splits["part"] == "test"]
+    assert tested["slide_id"].is_unique and len(tested) == 24  # each slide tested once
+    for _, fold in splits.groupby("fold"):
+        assert set(fold["part"]) == {"train", "val", "test"}
+    fold_1 = (out / "fold_1" / "checkpoint_best.pt").stat().st_mtime_ns
+
+    result = train(work.root, out, folds=3, epochs=2, **TINY)
+    assert sorted(result.folds) == [0, 1, 2] and result.finished
+    assert (out / "fold_1" / "checkpoint_best.pt").stat().st_mtime_ns == fold_1  # skipped
+    for k in range(3):
+        assert {p.name for p in (out / f"fold_{k}").iterdir()} == FOLD_FILES
+        metrics = json.loads((out / f"fold_{k}" / "metrics.json").read_text())
+        assert metrics["n_test"] == (splits[(splits["fold"] == k)]["part"] == "test").sum()
+
+    with pytest.raises(ConfigError, match="fold 3 does not exist"):
+        train(work.root, out, folds=3, fold=3, epochs=2, **TINY)
+
+
+def test_an_epoch_budget_spans_the_folds_of_one_invocation(tmp_path):
+    work = make_random_work(tmp_path / "work", patients=12, dim=16, seed=4)
+    result = train(work.root, tmp_path / "cv", folds=3, epochs=2, epoch_budget=3, **TINY)
+    assert result.folds[0] is not None and result.folds[1] is None and result.folds[2] is None
+    assert not result.finished
+    assert len(pd.read_csv(tmp_path / "cv" / "fold_1" / "history.csv")) == 1
+    assert not (tmp_path / "cv" / "fold_2").exists()
+
+
+def test_unknown_options_are_refused_by_name(tmp_path):
+    work = make_random_work(tmp_path / "work", patients=12, dim=16, seed=5)
+    with pytest.raises(ConfigError, match="unknown option 'lerning_rate' in train"):
+        train(work.root, tmp_path / "run", lerning_rate=0.1)
+    config = tmp_path / "exp.yaml"
+    config.write_text("train:\n  epochs: 2\n  lerning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="lerning_rate") as caught:
+        train(work.root, tmp_path / "run", config_file=config)
+    assert str(config) in str(caught.value)
+    config.write_text("training:\n  epochs: 2\n")
+    with pytest.raises(ConfigError, match=r"unknown section.*training"):
+        train(work.root, tmp_path / "run", config_file=config)
+    with pytest.raises(ConfigError, match="monitor"):
+        train(work.root, tmp_path / "run", monitor="auroc")
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_and_empty_feature_files_are_left_out_with_a_warning(tmp_path):
+    work = make_random_work(tmp_path / "work", patients=12, dim=16, seed=6)
+    work.feature_path("p000_s0").unlink()
+    with h5py.File(work.feature_path("p001_s1"), "r+") as f:
+        del f["features"]
+        f.create_dataset("features", data=np.zeros((0, 16), np.float16))
+    with pytest.warns(MissingBagsWarning, match=r"2 slide\(s\).*p000_s0 \(feature file missing"):
+        result = train(work.root, tmp_path / "run", epochs=1, **TINY)
+    assert set(result.excluded) == {"p000_s0", "p001_s1"}
+    assert "empty bag" in result.excluded["p001_s1"]
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["excluded_slides"] == result.excluded
+    assert run["patch_config"] is None and run["extract_config"] is None
+    splits = pd.read_csv(tmp_path / "run" / "splits.csv")
+    assert len(splits) == 22 and not set(result.excluded) & set(splits["slide_id"])
+
+
+def test_a_class_absent_from_validation_warns_once_not_every_epoch(tmp_path):
+    work = make_random_work(tmp_path / "work", patients=12, dim=16, seed=7)
+    cohort = pd.read_csv(work.root / "cohort.csv")
+    patient = cohort["patient_id"].str[-3:].astype(int)
+    cohort["split"] = np.where(patient < 8, "train", np.where(patient % 2 == 0, "val", "test"))
+    cohort.to_csv(work.root / "cohort.csv", index=False)  # val: class_0 patients only
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(work.root, tmp_path / "run", epochs=4, monitor="loss", **TINY)
+    absent = [str(w.message) for w in caught if issubclass(w.category, AbsentClassWarning)]
+    # once for the validation part, once for the test part (which lacks class_0); none per epoch
+    assert len(absent) == 2
+    assert "no val slide of class(es) class_1" in absent[0]
+    assert "test part" in absent[1] and "class(es) class_0" in absent[1]
+    history = pd.read_csv(tmp_path / "run" / "fold_0" / "history.csv")
+    assert len(history) == 4 and history["val_macro_auc"].isna().all()
+
+
+@pytest.mark.slow
+def test_two_process_torchrun_on_cpu_matches_a_single_process_run(tmp_path):
+    work = make_random_work(tmp_path / "work", patients=12, dim=16, seed=8)
+    args = ["train", str(work.root), "--epochs", "2", "--hidden-dim", "16", "--attention-dim", "8"]
+    args += ["--device", "cpu", "--quiet"]
+    train(work.root, tmp_path / "single", epochs=2, **TINY)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node", "2", "-m", "slidemil", *args, "--out", str(tmp_path / "ddp")]
+    done = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("1 fold(s) trained") == 1  # rank 0 only
+
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    assert (single / "splits.csv").read_text() == (ddp / "splits.csv").read_text()
+    assert {p.name for p in (ddp / "fold_0").iterdir()} == FOLD_FILES
+    metrics = json.loads((ddp / "fold_0" / "metrics.json").read_text())
+    assert metrics.keys() == json.loads((single / "fold_0" / "metrics.json").read_text()).keys()
+    history = pd.read_csv(ddp / "fold_0" / "history.csv")
+    assert list(history.columns) == HISTORY_COLUMNS and len(history) == 2
+    # every test and validation slide predicted exactly once, though each rank had a share
+    for name, part in (("predictions.csv", "test"), ("val_predictions.csv", "val")):
+        predicted = pd.read_csv(ddp / "fold_0" / name)["slide_id"]
+        splits = pd.read_csv(ddp / "splits.csv")
+        assert sorted(predicted) == sorted(splits.loc[splits["part"] == part, "slide_id"])
+
+
+def test_the_command_line_takes_a_config_file_and_flags_win(tmp_path):
+    from slidemil.cli import commands  # noqa: F401  (registers the commands)
+    from slidemil.cli.app import app
+
+    work = make_random_work(tmp_path / "work", patients=12, dim=16, seed=9)
+    config = tmp_path / "exp.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {"train": {"epochs": 5, "hidden_dim": 8, "attention_dim": 4, "max_patches": 0}}
+        )
+    )
+    out = tmp_path / "run"
+    args = ["train", str(work.root), "--out", str(out), "--config", str(config), "--quiet"]
+    result = CliRunner().invoke(app, [*args, "--epochs", "2", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert f"1 fold(s) trained -> {out}" in result.output
+    resolved = yaml.safe_load((out / "config.yaml").read_text())["train"]
+    assert resolved["epochs"] == 2 and resolved["hidden_dim"] == 8
+    assert resolved["max_patches"] is None  # 0 in the file: every instance
+    assert len(pd.read_csv(out / "fold_0" / "history.csv")) == 2
+
+    config.write_text("train:\n  hiden_dim: 8\n")
+    result = CliRunner().invoke(app, [*args])
+    assert result.exit_code == 2 and "unknown option 'hiden_dim' in train" in result.output
+
+
+def test_the_example_experiment_config_loads_for_every_stage():
+    from slidemil.evaluation.config import EvaluateConfig
+    from slidemil.extraction.run import ExtractConfig
+    from slidemil.patching.run import PatchConfig
+
+    example = REPO / "examples" / "experiment.yaml"
+    sections = yaml.safe_load(example.read_text())
+    assert set(sections) == {"patch", "extract", "train", "evaluate"} <= set(STAGE_SECTIONS)
+    configs = {
+        "patch": PatchConfig,
+        "extract": ExtractConfig,
+        "train": TrainConfig,
+        "evaluate": EvaluateConfig,
+    }
+    for section, model in configs.items():
+        loaded = build(model, section=section, config_file=example)
+        assert loaded.model_dump(mode="json") | sections[section] == loaded.model_dump(mode="json")
+    assert build(TrainConfig, section="train", config_file=example).folds == 5
