@@ -110,6 +110,8 @@ def test_reads_clam_h5_and_pt_features(tmp_path):
     assert h5.attrs["source_format"] == "clam-h5" and h5.attrs["has_coords"]
     np.testing.assert_array_equal(h5.features, features)
     np.testing.assert_array_equal(h5.coords, coords)
+    stored = read_feature_file(tmp_path / "h5_files" / "s.h5", dtype=None)
+    assert stored.features.dtype == features.dtype  # dtype=None keeps what is stored
 
     pt = read_feature_file(tmp_path / "pt_files" / "s.pt")
     assert pt.attrs["source_format"] == "clam-pt" and not pt.attrs["has_coords"]

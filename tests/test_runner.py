@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from slidemil.errors import ConfigError, SlideOpenError
+from slidemil.errors import ConfigError, SlideOpenError, WorkerCrashError
 from slidemil.runner import Shard, Task, read_failures, run_per_slide
 
 
@@ -107,3 +107,22 @@ def test_a_worker_that_dies_fails_only_its_slide(tmp_path):
     assert list(failures.index) == ["s2"]
     assert failures.loc["s2", "reason"] == "worker_crashed"
     assert failures.loc["s2", "error"].startswith("s2.svs: the worker process died")
+
+
+def always_crash(slide_id: str, value: int, out: str) -> int:
+    import os
+
+    os._exit(1)
+
+
+def test_workers_that_cannot_run_at_all_stop_the_run_with_one_clear_error(tmp_path):
+    with pytest.raises(WorkerCrashError, match=r"die before finishing any slide.*--workers 1"):
+        run_per_slide(
+            "test",
+            _tasks(tmp_path, [1, 2, 3, 4, 5, 6]),
+            always_crash,
+            out_dir=tmp_path,
+            is_done=_done(tmp_path),
+            workers=2,
+            quiet=True,
+        )

@@ -390,17 +390,21 @@ def test_the_command_line_takes_a_config_file_and_flags_win(tmp_path):
 def test_the_example_experiment_config_loads_for_every_stage():
     from slidemil.evaluation.config import EvaluateConfig
     from slidemil.extraction.run import ExtractConfig
+    from slidemil.heatmaps.config import HeatmapConfig
     from slidemil.patching.run import PatchConfig
+    from slidemil.prediction.config import PredictConfig
 
     example = REPO / "examples" / "experiment.yaml"
     sections = yaml.safe_load(example.read_text())
-    assert set(sections) == {"patch", "extract", "train", "evaluate"} <= set(STAGE_SECTIONS)
     configs = {
         "patch": PatchConfig,
         "extract": ExtractConfig,
         "train": TrainConfig,
         "evaluate": EvaluateConfig,
+        "predict": PredictConfig,
+        "heatmap": HeatmapConfig,
     }
+    assert set(sections) == set(configs) <= set(STAGE_SECTIONS)
     for section, model in configs.items():
         loaded = build(model, section=section, config_file=example)
         assert loaded.model_dump(mode="json") | sections[section] == loaded.model_dump(mode="json")

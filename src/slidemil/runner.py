@@ -159,17 +159,31 @@ def _run_pool(todo, work, workers, finish) -> None:
     and the rest of the cohort goes on in a fresh pool.
     """
     queue = deque(todo)
+    completed = [0]  # slides a worker finished, with a result or an ordinary error
+
+    def counted_finish(task: Task, result: Any = None, error: BaseException | None = None) -> None:
+        completed[0] += 1
+        finish(task, result, error)
+
     while queue:
-        suspects = _run_until_broken(queue, work, workers, finish)
-        for task in suspects:
-            if _run_until_broken(deque([task]), work, 1, finish):
-                crash = WorkerCrashError(
-                    task.path,
-                    "the worker process died on this slide (a crash in a native library, or "
-                    "out of memory)",
-                    "check the file, or give the run more memory",
-                )
-                finish(task, error=crash)
+        suspects = _run_until_broken(queue, work, workers, counted_finish)
+        crashed = [t for t in suspects if _run_until_broken(deque([t]), work, 1, counted_finish)]
+        if crashed and completed[0] == 0:
+            # Not one slide got through, even alone: the workers cannot start at all (a broken
+            # environment, or a script without `if __name__ == "__main__":`).
+            raise WorkerCrashError(
+                None,
+                "worker processes die before finishing any slide",
+                "rerun with --workers 1 to see the error",
+            )
+        for task in crashed:
+            crash = WorkerCrashError(
+                task.path,
+                "the worker process died on this slide (a crash in a native library, or out of "
+                "memory)",
+                "check the file, or give the run more memory",
+            )
+            finish(task, error=crash)
 
 
 def _run_until_broken(queue: deque, work, workers: int, finish) -> list[Task]:

@@ -61,7 +61,7 @@ def _read_clam_pt(path: Path, dtype: Any) -> Any:
     features = _as_2d(path, array)
     coords = np.zeros((features.shape[0], 2), np.int64)
     attrs = {"source_format": source, "has_coords": False, "feature_dim": features.shape[1]}
-    return FeatureBag(features.astype(dtype, copy=False), coords, attrs)
+    return FeatureBag(_cast(features, dtype), coords, attrs)
 
 
 def _numpy_array_globals() -> list[Any]:
@@ -99,7 +99,12 @@ def _read_h5(path: Path, dtype: Any) -> Any:
         has_coords=has_coords,
         feature_dim=int(features.shape[1]),
     )
-    return FeatureBag(features.astype(dtype, copy=False), coords, attrs)
+    return FeatureBag(_cast(features, dtype), coords, attrs)
+
+
+def _cast(features: np.ndarray, dtype: Any) -> np.ndarray:
+    """``dtype=None`` keeps the stored dtype (numpy's ``astype(None)`` would mean float64)."""
+    return features if dtype is None else features.astype(dtype, copy=False)
 
 
 def _foreign_attr(attrs: Any, key: str) -> Any:

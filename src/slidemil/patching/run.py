@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import h5py
 from pydantic import Field, model_validator
 
@@ -36,6 +37,7 @@ CONFIG_NAME = "patch_config.yaml"
 DEFAULT_MPP = 0.5
 # A level whose longer side exceeds the target this many times is shrunk through a thumbnail.
 MAX_SEGMENTATION_OVERSIZE = 4
+PREVIEW_SIZE = 1024  # longer side of previews/<slide_id>.png, px
 # Options that only change how the run goes, not its result.
 RUN_ONLY_OPTIONS = frozenset({"workers", "quiet", "shard", "overwrite", "previews"})
 
@@ -221,18 +223,19 @@ def patch_slide(
         plan = slide.plan_for_mpp(target_mpp)
         patch_size_level0 = config.patch_size * plan.target_downsample
         step = config.step or config.patch_size
+        overview = None  # the segmentation image, reused for the preview
         if mask_path is not None:
             tissue = load_user_mask(mask_path, slide.dimensions, config.seg_size)
             segmentation: dict[str, Any] = {"mask_path": mask_path}
         else:
-            tissue, image_downsample = _segment(slide, config)
-            segmentation = {**config.tissue_params.as_dict(), "downsample": image_downsample}
+            tissue, overview = _segment(slide, config)
+            segmentation = {**config.tissue_params.as_dict(), "downsample": tissue.downsample}
         coords = select_patches(
             tissue.mask, tissue.downsample, slide.dimensions, patch_size_level0,
             step * plan.target_downsample, config.min_tissue,
         )  # fmt: skip
         if config.previews:
-            thumbnail, thumb_downsample = slide.thumbnail(1024)
+            thumbnail, thumb_downsample = _preview_base(slide, overview)
             image = draw_preview(thumbnail, thumb_downsample, tissue, coords, patch_size_level0)
             write_preview(out_dir / "previews" / f"{slide_id}.png", image)
         if len(coords) == 0:
@@ -263,8 +266,9 @@ def patch_slide(
     return len(coords)
 
 
-def _segment(slide: Slide, config: PatchConfig) -> tuple[TissueMask, float]:
-    """Segment at the level nearest ``seg_size`` (never a big level 0); returns its downsample."""
+def _segment(slide: Slide, config: PatchConfig) -> tuple[TissueMask, Any]:
+    """Segment at the level nearest ``seg_size`` (never a big level 0); returns the tissue and
+    the whole-slide image it was found on."""
     level = nearest_level(slide.level_dimensions, config.seg_size)
     longer = max(slide.level_dimensions[level])
     if longer > MAX_SEGMENTATION_OVERSIZE * config.seg_size:
@@ -272,4 +276,18 @@ def _segment(slide: Slide, config: PatchConfig) -> tuple[TissueMask, float]:
     else:
         image = slide.read_level(level)
         downsample = slide.dimensions[0] / image.shape[1]
-    return segment_tissue(image, downsample, slide.mpp, config.tissue_params), downsample
+    tissue = segment_tissue(image, downsample, slide.mpp, config.tissue_params)
+    return tissue, image
+
+
+def _preview_base(slide: Slide, overview: Any | None) -> tuple[Any, float]:
+    """The preview's thumbnail: shrunk from the segmentation image when that is large enough
+    (no second read of the slide), else read from the slide."""
+    if overview is not None:
+        image = overview
+        factor = max(image.shape[:2]) / PREVIEW_SIZE
+        if factor >= 1:
+            size = (max(1, round(image.shape[1] / factor)), max(1, round(image.shape[0] / factor)))
+            shrunk = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+            return shrunk, slide.dimensions[0] / size[0]
+    return slide.thumbnail(PREVIEW_SIZE)
