@@ -25,3 +25,19 @@ def mixed_mpp_cohort(tmp_path_factory):
     out = tmp_path_factory.mktemp("mixed_mpp_cohort")
     synth(out, slides=4, classes=2, size=1536, mpp=[0.25, 0.5], seed=3, quiet=True)
     return out
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _torch_threads(request):
+    """A module that sets ``TORCH_THREADS = n`` runs torch with n threads: CI machines are small
+    and shared, and oversubscribed threads make small models several times slower."""
+    threads = getattr(request.module, "TORCH_THREADS", None)
+    if threads is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    yield
+    torch.set_num_threads(before)

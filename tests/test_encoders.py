@@ -13,14 +13,7 @@ from slidemil.encoders import get_encoder, get_encoder_spec, list_encoders, regi
 from slidemil.encoders.registry import Transform, WeightsSource
 from slidemil.errors import MissingExtraError, RegistryError, WeightsError
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The test machine is shared: one thread avoids oversubscription and is several times faster.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+TORCH_THREADS = 1  # see conftest._torch_threads
 
 
 def _installed(extra: str | None) -> bool:

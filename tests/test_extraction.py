@@ -37,13 +37,7 @@ from slidemil.slide import Slide
 FAST = {"encoder": "resnet18", "weights": "random", "device": "cpu", "quiet": True}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The test machine is shared: one thread avoids oversubscription and is several times faster.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+TORCH_THREADS = 1  # see conftest._torch_threads
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,7 @@ from slidemil.models.attention import masked_softmax
 D, C = 24, 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+TORCH_THREADS = 1  # see conftest._torch_threads
 
 
 def test_registry_lists_the_baselines_and_attention_models():

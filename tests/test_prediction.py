@@ -31,12 +31,7 @@ DIM = 16
 PATCH0 = 128.0  # patch footprint in level-0 px of the toy bags
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+TORCH_THREADS = 2  # see conftest._torch_threads
 
 
 def write_toy_work(root, slides: int = 16, seed: int = 0):

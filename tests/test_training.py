@@ -58,12 +58,7 @@ HISTORY_COLUMNS = [
 TINY = {"hidden_dim": 16, "attention_dim": 8, "quiet": True, "device": "cpu"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # module scope: it must be in force before the module-scoped runs
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+TORCH_THREADS = 1  # see conftest._torch_threads
 
 
 @pytest.fixture(scope="module")
@@ -389,7 +384,7 @@ def test_the_command_line_takes_a_config_file_and_flags_win(tmp_path):
 
 def test_the_example_experiment_config_loads_for_every_stage():
     from slidemil.evaluation.config import EvaluateConfig
-    from slidemil.extraction.run import ExtractConfig
+    from slidemil.extraction.config import ExtractConfig
     from slidemil.heatmaps.config import HeatmapConfig
     from slidemil.patching.run import PatchConfig
     from slidemil.prediction.config import PredictConfig

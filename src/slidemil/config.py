@@ -9,16 +9,35 @@ writes the resolved section next to its outputs so any result can be reproduced.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 from pydantic_core import PydanticUndefined
 
 from slidemil import atomic
 from slidemil.errors import ConfigError
 
 C = TypeVar("C", bound="StageConfig")
+
+
+def _check_device(value: str) -> str:
+    head, _, index = value.partition(":")
+    if head not in ("auto", "cpu", "cuda") or (index and (head != "cuda" or not index.isdigit())):
+        raise ValueError(f"device {value!r} must be auto, cpu, cuda or cuda:N")
+    return value
+
+
+def _check_shard(value: str | None) -> str | None:
+    from slidemil.runner import Shard  # here: the runner imports pandas, --help should not
+
+    Shard.parse(value)
+    return value
+
+
+# Option types shared by the stages that run on a device or over shards of a cohort.
+Device = Annotated[str, AfterValidator(_check_device)]
+ShardSpec = Annotated[str | None, AfterValidator(_check_shard)]
 
 
 class StageConfig(BaseModel):

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from slidemil.cli.app import app, friendly_errors
-from slidemil.extraction.run import ExtractConfig
+from slidemil.extraction.config import ExtractConfig
 
 H = ExtractConfig.field_help
 

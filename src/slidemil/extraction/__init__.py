@@ -1,5 +1,13 @@
 """Feature extraction: patch files + slides -> one HDF5 bag of patch features per slide."""
 
-from slidemil.extraction.run import ExtractConfig, extract
+from slidemil.lazy import lazy_exports
 
-__all__ = ["ExtractConfig", "extract"]
+# public name -> module that defines it
+_API = {
+    "ExtractConfig": "slidemil.extraction.config",
+    "extract": "slidemil.extraction.run",
+}
+
+__all__ = list(_API)
+
+__getattr__, __dir__ = lazy_exports(__name__, _API)

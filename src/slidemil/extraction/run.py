@@ -20,17 +20,17 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import h5py
-from pydantic import Field, field_validator
 from tqdm.auto import tqdm
 
 from slidemil.atomic import TEMP_MARKER
 from slidemil.cohort import load_cohort
-from slidemil.config import StageConfig, build, read_yaml, write_resolved
+from slidemil.config import build, read_yaml, write_resolved
 from slidemil.encoders import Encoder, get_encoder, get_encoder_spec
 from slidemil.errors import ArtifactError, ConfigError, SlidemilError, WorkerCrashError
+from slidemil.extraction.config import ExtractConfig
 from slidemil.extraction.dataset import PatchBatches, SlidePatches, make_loader
 from slidemil.extraction.distributed import RankInfo, rank_shard, resolve_device
 from slidemil.formats.feature_file import FeatureWriter, is_complete_feature_file
@@ -48,43 +48,6 @@ PATCH_ATTRS_COPIED = (
 )  # fmt: skip
 # Device->host copies enqueued but not yet written; past this the loop waits for the oldest.
 MAX_COPIES_IN_FLIGHT = 8
-
-
-class ExtractConfig(StageConfig):
-    encoder: str = Field("resnet50-trunc", description="encoder name (see `slidemil encoders`)")
-    weights: str | None = Field(
-        None,
-        description="weights: empty for the encoder's pretrained weights, 'random' for seeded "
-        "random weights, or a checkpoint file (.pth/.pt/.bin/.safetensors)",
-    )
-    device: str = Field("auto", description="auto, cpu, cuda or cuda:N (torchrun: cuda:LOCAL_RANK)")
-    batch_size: int = Field(256, ge=1, description="patches per forward pass")
-    workers: int = Field(4, ge=0, description="DataLoader worker processes reading patches")
-    prefetch: int = Field(4, ge=1, description="batches each worker reads ahead")
-    dtype: Literal["float16", "float32"] = Field("float16", description="stored feature dtype")
-    precision: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto",
-        description="autocast dtype on CUDA (auto: the encoder's preference); CPU runs float32",
-    )
-    features_name: str | None = Field(
-        None, description="output folder under features/ [default: the encoder name]"
-    )
-    shard: str | None = Field(None, description="i/n: process every n-th slide from i (SLURM)")
-    quiet: bool = Field(False, description="no progress bar")
-
-    @field_validator("shard")
-    @classmethod
-    def _valid_shard(cls, value: str | None) -> str | None:
-        Shard.parse(value)
-        return value
-
-    @field_validator("device")
-    @classmethod
-    def _valid_device(cls, value: str) -> str:
-        head, _, index = value.partition(":")
-        if head not in ("auto", "cpu", "cuda") or (index and not index.isdigit()):
-            raise ValueError(f"device {value!r} must be auto, cpu, cuda or cuda:N")
-        return value
 
 
 def extract(work: str | Path, config: ExtractConfig | None = None, **options: Any) -> RunSummary:

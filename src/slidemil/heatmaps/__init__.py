@@ -6,8 +6,7 @@ import OpenCV or matplotlib.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from slidemil.lazy import lazy_exports
 
 # public name -> module that defines it
 _API = {
@@ -26,14 +25,4 @@ _API = {
 __all__ = list(_API)
 
 
-def __getattr__(name: str) -> Any:
-    module = _API.get(name)
-    if module is None:
-        raise AttributeError(f"module 'slidemil.heatmaps' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _API)

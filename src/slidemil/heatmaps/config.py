@@ -7,8 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from slidemil.config import StageConfig
-from slidemil.runner import Shard
+from slidemil.config import ShardSpec, StageConfig
 
 
 class HeatmapConfig(StageConfig):
@@ -36,7 +35,7 @@ class HeatmapConfig(StageConfig):
     cohort: Path | None = Field(
         None, description="cohort CSV giving slide paths (when slides moved since prediction)"
     )
-    shard: str | None = Field(None, description="i/n: process every n-th slide from the i-th")
+    shard: ShardSpec = Field(None, description="i/n: process every n-th slide from the i-th")
     workers: int = Field(1, ge=1, description="slides rendered in parallel")
     quiet: bool = Field(False, description="no progress bar")
 
@@ -47,10 +46,4 @@ class HeatmapConfig(StageConfig):
 
         if value not in matplotlib.colormaps:
             raise ValueError(f"unknown colour map {value!r} (e.g. jet, viridis, inferno, coolwarm)")
-        return value
-
-    @field_validator("shard")
-    @classmethod
-    def _valid_shard(cls, value: str | None) -> str | None:
-        Shard.parse(value)
         return value

@@ -22,7 +22,7 @@ import h5py
 from pydantic import Field, model_validator
 
 from slidemil.cohort import SlideRecord, load_cohort
-from slidemil.config import StageConfig, build, read_yaml, write_resolved
+from slidemil.config import ShardSpec, StageConfig, build, read_yaml, write_resolved
 from slidemil.errors import ConfigError, NoTissueError
 from slidemil.formats.patch_file import PatchSet, is_complete_patch_file, write_patch_file
 from slidemil.patching.grid import select_patches
@@ -81,7 +81,7 @@ class PatchConfig(StageConfig):
     workers: int = Field(
         default_factory=lambda: os.cpu_count() or 1, ge=1, description="slides patched in parallel"
     )
-    shard: str | None = Field(None, description="only shard i/n of the slides (0-based), e.g. 0/4")
+    shard: ShardSpec = Field(None, description="only shard i/n of the slides (0-based), e.g. 0/4")
     overwrite: bool = Field(False, description="redo every slide, even with other options")
     quiet: bool = Field(False, description="no progress bar")
 
@@ -89,8 +89,6 @@ class PatchConfig(StageConfig):
     def _one_resolution(self) -> PatchConfig:
         if self.mpp is not None and self.magnification is not None:
             raise ValueError("give mpp or magnification, not both")
-        if self.shard is not None:
-            Shard.parse(self.shard)
         return self
 
     @property

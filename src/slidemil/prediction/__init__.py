@@ -9,8 +9,7 @@ import torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from slidemil.lazy import lazy_exports
 
 # public name -> module that defines it
 _API = {
@@ -22,14 +21,4 @@ _API = {
 __all__ = list(_API)
 
 
-def __getattr__(name: str) -> Any:
-    module = _API.get(name)
-    if module is None:
-        raise AttributeError(f"module 'slidemil.prediction' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _API)

@@ -7,8 +7,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
-from slidemil.config import StageConfig
-from slidemil.runner import Shard
+from slidemil.config import Device, ShardSpec, StageConfig
 
 MODEL_CHOICE = re.compile(r"^(mean|fold_\d+)$")
 
@@ -35,7 +34,7 @@ class PredictConfig(StageConfig):
         "(smaller than the patch size: overlapping patches); raw slides only (default: the "
         "run's)",
     )
-    device: str = Field("auto", description="auto, cpu, cuda or cuda:N (extraction and models)")
+    device: Device = Field("auto", description="auto, cpu, cuda or cuda:N (extraction and models)")
     batch_size: int | None = Field(
         None, ge=1, description="patches per encoder forward pass (default: extraction's)"
     )
@@ -45,7 +44,7 @@ class PredictConfig(StageConfig):
         description="processes patching slides and DataLoader workers reading patches "
         "(default: each stage's)",
     )
-    shard: str | None = Field(None, description="i/n: only every n-th slide from the i-th (SLURM)")
+    shard: ShardSpec = Field(None, description="i/n: only every n-th slide from the i-th (SLURM)")
     quiet: bool = Field(False, description="no progress bars")
 
     @field_validator("model")
@@ -53,18 +52,4 @@ class PredictConfig(StageConfig):
     def _valid_model(cls, value: str) -> str:
         if not MODEL_CHOICE.match(value):
             raise ValueError(f"model {value!r} must be 'mean' or 'fold_<k>', e.g. fold_0")
-        return value
-
-    @field_validator("device")
-    @classmethod
-    def _valid_device(cls, value: str) -> str:
-        head, _, index = value.partition(":")
-        if head not in ("auto", "cpu", "cuda") or (index and not index.isdigit()):
-            raise ValueError(f"device {value!r} must be auto, cpu, cuda or cuda:N")
-        return value
-
-    @field_validator("shard")
-    @classmethod
-    def _valid_shard(cls, value: str | None) -> str | None:
-        Shard.parse(value)
         return value

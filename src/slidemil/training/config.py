@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from slidemil.config import StageConfig
+from slidemil.config import Device, StageConfig
 
 Monitor = Literal["balanced_accuracy", "macro_auc", "macro_f1", "accuracy", "loss"]
 Schedule = Literal["cosine", "warmup-cosine", "plateau", "none"]
@@ -76,7 +76,7 @@ class TrainConfig(StageConfig):
     )
     seed: int = Field(0, ge=0, description="random seed (splits, initial weights, sampling)")
     # runtime
-    device: str = Field(
+    device: Device = Field(
         "auto", description="auto, cpu, cuda or cuda:N (under torchrun: cuda = cuda:LOCAL_RANK)"
     )
     amp: bool = Field(True, description="float16 mixed precision on CUDA (ignored on CPU)")
@@ -103,16 +103,6 @@ class TrainConfig(StageConfig):
             raise ValueError("train, val and test fractions must be >= 0 and sum to 1")
         if value[0] <= 0 or value[1] <= 0:
             raise ValueError("the train and val fractions must be positive")
-        return value
-
-    @field_validator("device")
-    @classmethod
-    def _valid_device(cls, value: str) -> str:
-        head, _, index = value.partition(":")
-        if head not in ("auto", "cpu", "cuda") or (
-            index and (head != "cuda" or not index.isdigit())
-        ):
-            raise ValueError(f"device {value!r} must be auto, cpu, cuda or cuda:N")
         return value
 
     @model_validator(mode="after")
