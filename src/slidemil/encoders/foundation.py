@@ -193,7 +193,7 @@ def _hf_class_token(what: str, pretrained: bool, hf_id: str, build: Any) -> Any:
     """
     import torch
 
-    transformers = require("transformers", None, what)
+    transformers = require("transformers", "transformers", what)
     backbone = build(transformers, pretrained)
 
     class ClassToken(torch.nn.Module):
