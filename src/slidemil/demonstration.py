@@ -23,9 +23,11 @@ pretrained or pathology foundation-model encoder (docs/encoders.md).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -94,43 +96,43 @@ def demo(out: str | Path = "demo", config: DemoConfig | None = None, **options: 
     out.mkdir(parents=True, exist_ok=True)
     write_resolved(out / CONFIG_NAME, {"demo": config})
     weights = config.weights or None
-    say = _printer(config.quiet)
-    say(
+    _say(
         f"slidemil demo -> {out}: {config.slides} synthetic slides, {config.classes} classes; "
-        f"encoder {config.encoder} with {config.weights or 'pretrained'} weights"
+        f"encoder {config.encoder} with {config.weights or 'pretrained'} weights",
+        config.quiet,
     )
-    timer = _Timer()
+    seconds: dict[str, float] = {}
     common = {"quiet": config.quiet}
 
-    with timer("synth"):
+    with _timed(seconds, "synth"):
         cohort = synth(
             out / "cohort", slides=config.slides, classes=config.classes, size=config.size,
             max_slides_per_patient=2, seed=config.seed, workers=config.workers, **common,
         )  # fmt: skip
         train_csv, new_csv = split_held_out(cohort.to_frame(), out, config.held_out, config.seed)
-    with timer("patch"):
+    with _timed(seconds, "patch"):
         patch(
             train_csv, out / "work", mpp=config.mpp, patch_size=config.patch_size,
             workers=config.workers, **common,
         )  # fmt: skip
-    with timer("extract"):
+    with _timed(seconds, "extract"):
         extract(
             out / "work", encoder=config.encoder, weights=weights, device="auto",
             batch_size=64, workers=max(1, config.workers - 1), **common,
         )  # fmt: skip
     run = out / "runs" / "demo"
-    with timer("train"):
+    with _timed(seconds, "train"):
         train(
             out / "work", run, folds=config.folds, epochs=config.epochs, seed=config.seed,
             **common,
         )  # fmt: skip
-    with timer("evaluate"):
+    with _timed(seconds, "evaluate"):
         report = evaluate(run, quiet=config.quiet)
-    with timer("predict"):
+    with _timed(seconds, "predict"):
         predicted = predict(
             run, new_csv, out / "predictions", workers=max(1, config.workers - 1), **common
         )
-    with timer("heatmap"):
+    with _timed(seconds, "heatmap"):
         heatmap(out / "predictions", out / "heatmaps", workers=config.workers, **common)
 
     held_out = _held_out_accuracy(predicted.predictions, pd.read_csv(new_csv, dtype=str))
@@ -141,7 +143,7 @@ def demo(out: str | Path = "demo", config: DemoConfig | None = None, **options: 
         macro_auc=report.mean_std("macro_auc"),
         held_out_accuracy=held_out,
         attention_auc=attention_auc,
-        seconds=timer.seconds,
+        seconds=seconds,
         paths={
             "cohort": str(out / "cohort" / "cohort.csv"),
             "previews": str(out / "work" / "previews"),
@@ -153,7 +155,7 @@ def demo(out: str | Path = "demo", config: DemoConfig | None = None, **options: 
         },
     )
     atomic.write_text(out / "summary.json", json.dumps(_as_json(result), indent=2) + "\n")
-    _printer(quiet=False)(summary_text(result, config))  # the point of the demo: always shown
+    _say(summary_text(result, config))  # the point of the demo: shown even when quiet
     return result
 
 
@@ -245,31 +247,18 @@ def _as_json(result: DemoResult) -> dict[str, Any]:
     }
 
 
-def _printer(quiet: bool):
-    from tqdm.auto import tqdm
+def _say(text: str, quiet: bool = False) -> None:
+    from tqdm.auto import tqdm  # writes above any progress bar
 
-    def say(text: str) -> None:
-        if not quiet:
-            tqdm.write(text)
-
-    return say
+    if not quiet:
+        tqdm.write(text)
 
 
-class _Timer:
-    """Wall time per named step."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    def __call__(self, name: str):
-        import contextlib
-
-        @contextlib.contextmanager
-        def timed():
-            start = time.perf_counter()
-            try:
-                yield
-            finally:
-                self.seconds[name] = round(time.perf_counter() - start, 1)
-
-        return timed()
+@contextlib.contextmanager
+def _timed(seconds: dict[str, float], name: str) -> Iterator[None]:
+    """Record the wall time of the block as ``seconds[name]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[name] = round(time.perf_counter() - start, 1)

@@ -37,7 +37,7 @@ import numpy as np
 
 from slidemil.atomic import atomic_path
 from slidemil.errors import ArtifactError
-from slidemil.formats.h5 import provenance, read_attr, write_attrs
+from slidemil.formats.h5 import provenance, read_attr, read_root_attrs, write_attrs
 
 ATTENTION_FORMAT_VERSION = 1
 
@@ -121,12 +121,7 @@ def read_attention_file(path: str | Path) -> AttentionMap:
 
 def read_attention_attrs(path: str | Path) -> dict[str, Any]:
     """Only the attributes (cheap: no dataset is read)."""
-    path = Path(path)
-    try:
-        with h5py.File(path, "r") as f:
-            return {k: read_attr(f.attrs, k) for k in f.attrs}
-    except OSError as e:
-        raise ArtifactError(path, f"unreadable or truncated attention file: {e}") from e
+    return read_root_attrs(path, "attention")
 
 
 def is_complete_attention_file(path: str | Path) -> bool:

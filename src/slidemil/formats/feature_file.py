@@ -35,7 +35,7 @@ import numpy as np
 
 from slidemil.atomic import temp_path_for
 from slidemil.errors import ArtifactError
-from slidemil.formats.h5 import provenance, read_attr, write_attrs
+from slidemil.formats.h5 import provenance, read_attr, read_root_attrs, write_attrs
 
 FEATURE_FORMAT_VERSION = 1
 
@@ -169,12 +169,7 @@ def _chunks(shape: tuple[int, int]) -> tuple[int, int] | None:
 
 def read_feature_attrs(path: str | Path) -> dict[str, Any]:
     """Only the attributes (cheap: no feature data is read)."""
-    path = Path(path)
-    try:
-        with h5py.File(path, "r") as f:
-            return {k: read_attr(f.attrs, k) for k in f.attrs}
-    except OSError as e:
-        raise ArtifactError(path, f"unreadable or truncated feature file: {e}") from e
+    return read_root_attrs(path, "feature")
 
 
 def read_feature_file(path: str | Path, *, dtype: np.dtype | None = np.float32) -> FeatureBag:

@@ -10,6 +10,7 @@ import h5py
 import numpy as np
 
 from slidemil import __version__
+from slidemil.errors import ArtifactError
 
 
 def attr_value(value: Any) -> Any:
@@ -60,3 +61,16 @@ def write_attrs(target: h5py.AttributeManager, values: dict[str, Any]) -> None:
 
 def provenance() -> dict[str, str]:
     return {"slidemil_version": __version__}
+
+
+def read_root_attrs(path: str | Path, kind: str) -> dict[str, Any]:
+    """The root attributes of an artifact file without reading its datasets (cheap).
+
+    ``kind`` names the file in the error (e.g. ``"feature"``, ``"attention"``).
+    """
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            return {k: read_attr(f.attrs, k) for k in f.attrs}
+    except OSError as e:
+        raise ArtifactError(path, f"unreadable or truncated {kind} file: {e}") from e
