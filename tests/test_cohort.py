@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from slidemil.cohort import load_cohort, sort_class_names
+from slidemil.cohort import SlideRecord, load_cohort, row_problem, sort_class_names
 from slidemil.errors import CohortError
 
 
@@ -51,7 +51,7 @@ def test_every_problem_is_reported_at_once_with_its_line(slide_files):
     assert "4 problem(s)" in message
     for expected in (
         "line 3: duplicate slide_id",
-        "line 4: slide file not found",
+        "line 4: slide " + str(slide_files / "slides" / "missing.svs") + ": file not found",
         "line 5: empty label",
         "line 6: split 'holdout'",
     ):
@@ -120,3 +120,27 @@ def test_save_round_trips(slide_files, tmp_path):
     cohort.save(tmp_path / "out" / "manifest.csv")
     again = load_cohort(tmp_path / "out" / "manifest.csv")
     assert again.slides == cohort.slides
+
+
+def test_bad_files_are_rows_with_reasons_not_cohort_errors(slide_files):
+    slides = slide_files / "slides"
+    (slides / "folder.svs").mkdir()
+    (slides / "empty.svs").write_bytes(b"")
+    path = _csv(
+        slide_files,
+        "slide_id,path,mask_path\nA,slides/a.svs,\nB,slides/gone.svs,\nC,slides/folder.svs,\n"
+        "D,slides/empty.svs,\nE,slides/b.svs,masks/none.png\n",
+    )
+    cohort = load_cohort(path, require_labels=False, check_files=False)  # what the stages do
+    reasons = {r.slide_id: getattr(row_problem(r), "reason", None) for r in cohort}
+    assert reasons == {
+        "A": None, "B": "slide_missing", "C": "not_a_file", "D": "empty_file", "E": "mask_missing",
+    }  # fmt: skip
+    with pytest.raises(CohortError, match="4 problem"):
+        load_cohort(path, require_labels=False)  # check_files=True keeps them cohort errors
+
+
+def test_strict_row_check_opens_the_slide(slide_files):
+    record = SlideRecord("A", slide_files / "slides" / "a.svs")  # 1 byte: no slide format
+    assert row_problem(record) is None  # the cheap check only looks at the file
+    assert row_problem(record, open_slide=True).reason == "unreadable_slide"

@@ -49,6 +49,7 @@ def test_demo_runs_every_stage_and_resumes(tmp_path):
     rerun = CliRunner().invoke(app, args)
     assert rerun.exit_code == 0, rerun.output
     assert "balanced accuracy over 2 folds" in rerun.output
+    assert f"slidemil view {out / 'predictions'}" in rerun.output  # how to open the viewer
     assert features == {p: p.stat().st_mtime_ns for p in features}
 
 

@@ -4,6 +4,10 @@ with a message that says how to provide them."""
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -227,3 +231,60 @@ def test_gated_model_without_token_says_where_to_accept_terms(tmp_path, monkeypa
     monkeypatch.setattr(hub, "get_token", lambda: None)
     with pytest.raises(WeightsError, match=r"gated model.*huggingface.co/MahmoodLab/UNI.*HF_TOKEN"):
         get_encoder("uni")
+
+
+# A Hugging Face hub repository as its cache holds it: two commits, `main` on the first and the
+# tag `v2` on the second, each with its own weights file. Offline, huggingface_hub resolves
+# revisions from exactly this layout, so the test runs the real resolution code.
+HUB_REVISION_SCRIPT = r"""
+import json, sys
+from pathlib import Path
+import torch
+from slidemil.encoders import get_encoder, register_encoder
+from slidemil.encoders.registry import Transform, WeightsSource
+from slidemil.errors import ConfigError
+
+def tiny(pretrained=False):
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten())
+
+register_encoder("tiny-hub", output_dim=4, transform=Transform(),
+                 weights=WeightsSource("hf-file", "test-org/tiny/weights.pt"),
+                 hf_id="test-org/tiny", extra="hub")(tiny)
+main, tagged = get_encoder("tiny-hub"), get_encoder("tiny-hub", revision="v2")
+pinned = get_encoder("tiny-hub", revision=sys.argv[1])
+print(json.dumps({
+    "main": main.weights_identity, "v2": tagged.weights_identity, "pinned": pinned.weights_identity,
+    "main_bias": main.model[0].bias.tolist(), "v2_bias": tagged.model[0].bias.tolist(),
+}))
+"""
+
+
+def test_hub_revision_loads_that_commit_and_records_its_hash(tmp_path):
+    pytest.importorskip("huggingface_hub")
+    repo = tmp_path / "hub" / "models--test-org--tiny"
+    commits = {"main": "a" * 40, "v2": "b" * 40}
+    for ref, commit in commits.items():
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+        snapshot = repo / "snapshots" / commit
+        snapshot.mkdir(parents=True)
+        layer = torch.nn.Conv2d(3, 4, 3)
+        torch.nn.init.constant_(layer.bias, 1.0 if ref == "main" else 2.0)
+        torch.save({f"0.{k}": v for k, v in layer.state_dict().items()}, snapshot / "weights.pt")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    env.pop("SLIDEMIL_WEIGHTS_DIR", None)
+    result = subprocess.run(
+        [sys.executable, "-c", HUB_REVISION_SCRIPT, commits["v2"]], capture_output=True,
+        text=True, env=env, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert found["main"] == f"hf-file:test-org/tiny/weights.pt@{commits['main']}"
+    assert found["v2"] == found["pinned"] == f"hf-file:test-org/tiny/weights.pt@{commits['v2']}"
+    assert found["main_bias"] == [1.0] * 4 and found["v2_bias"] == [2.0] * 4
+
+
+def test_revision_of_weights_that_are_not_on_the_hub_is_refused():
+    with pytest.raises(WeightsError, match=r"--revision v2 applies to Hugging Face weights only"):
+        get_encoder("resnet18", revision="v2")

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import h5py
@@ -27,9 +28,10 @@ from slidemil import __version__
 from slidemil.encoders import get_encoder
 from slidemil.errors import ConfigError, WeightsError
 from slidemil.extraction import extract
+from slidemil.extraction.dataset import PatchBatches, SlidePatches, batch_size_of, device_images
 from slidemil.extraction.distributed import RankInfo, rank_shard
 from slidemil.formats.feature_file import read_feature_file
-from slidemil.formats.patch_file import read_patch_file
+from slidemil.formats.patch_file import read_patch_file, write_patch_file
 from slidemil.patching import patch
 from slidemil.runner import Shard, read_failures
 from slidemil.slide import Slide
@@ -102,6 +104,35 @@ def test_features_match_across_batch_sizes_and_worker_counts(work, extracted):
         np.testing.assert_allclose(a.features, b.features, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "options", [{"reader": "openslide"}, {"reader": "tiles", "decode": "device"}]
+)
+def test_features_match_with_either_reader_and_with_device_decoding(work, extracted, options):
+    """OpenSlide and the tile reader give the same features; so does decoding the JPEG tiles
+    in the main process with torchvision (the GPU path, run on the CPU here)."""
+    name = "_".join(options.values())
+    summary = extract(
+        work, **FAST, batch_size=16, workers=1, dtype="float32", features_name=name, **options
+    )
+    assert not summary.failed
+    for slide_id in _slide_ids(work):
+        a = read_feature_file(extracted / f"{slide_id}.h5").features
+        b = read_feature_file(work / "features" / name / f"{slide_id}.h5").features
+        assert np.abs(a - b).max() <= 0.02 * np.abs(a).max()  # decoder rounding, not content
+    cohort = pd.read_csv(work / "cohort.csv").set_index("slide_id")
+    slide_id = _slide_ids(work)[0]
+    slides = [
+        SlidePatches(slide_id, cohort.loc[slide_id, "path"],
+                     read_patch_file(work / "patches" / f"{slide_id}.h5"))
+    ]  # fmt: skip
+    raw = PatchBatches(slides, 16, reader="tiles", device_decode=True)[0]
+    decoded = PatchBatches(slides, 16, reader="tiles")[0]
+    assert raw["jpeg"] is not None and raw["reader"] == "tiles"  # only tile bytes travelled
+    on_device = device_images(raw, slides[0].patches.patch_size, "cpu")
+    assert batch_size_of(raw) == batch_size_of(decoded) == on_device.shape[0]
+    assert np.abs(on_device.numpy().astype(int) - decoded["images"].numpy()).max() <= 4
+
+
 def test_feature_file_records_its_provenance(work, extracted):
     slide_id = _slide_ids(work)[1]
     patches = read_patch_file(work / "patches" / f"{slide_id}.h5")
@@ -132,6 +163,43 @@ def test_float16_is_the_default_and_a_finished_folder_is_skipped(work, tmp_path)
     again = extract(work, **FAST, batch_size=32, workers=0)
     assert not again.done and sorted(again.skipped) == sorted(first.done)
     assert stamps == {p.name: p.stat().st_mtime_ns for p in _finished(folder)}
+
+
+def test_a_slide_repatched_with_other_coords_of_the_same_count_is_encoded_again(work, tmp_path):
+    """Same encoder, same number of patches, other places: the old features are stale."""
+    work = _copy(work, tmp_path)
+    first = extract(work, **FAST, batch_size=32, workers=0, dtype="float32")
+    moved, kept = first.done[0], first.done[1]
+    folder = work / "features" / "resnet18"
+    before = read_feature_file(folder / f"{moved}.h5")
+    patches = read_patch_file(work / "patches" / f"{moved}.h5")
+    patches.coords = patches.coords + 8  # re-patched: a shifted grid, the same count
+    write_patch_file(work / "patches" / f"{moved}.h5", patches)
+    # a file written before fingerprints existed still counts as done when it matches
+    with h5py.File(folder / f"{kept}.h5", "a") as f:
+        del f.attrs["patch_fingerprint"]
+
+    again = extract(work, **FAST, batch_size=32, workers=0, dtype="float32")
+    assert again.done == [moved] and kept in again.skipped
+    after = read_feature_file(folder / f"{moved}.h5")
+    np.testing.assert_array_equal(after.coords, patches.coords)
+    assert len(after) == len(before) and not np.allclose(after.features, before.features)
+
+
+def test_default_reader_workers_fit_the_cpus_so_torch_does_not_warn(work, tmp_path, monkeypatch):
+    from slidemil.config import available_cpus
+    from slidemil.extraction.config import ExtractConfig
+
+    assert ExtractConfig().workers <= max(0, available_cpus() - 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(available_cpus()))  # a rank per CPU: no readers
+    assert ExtractConfig().workers == 0
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    work = _copy(work, tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = extract(work, **FAST, batch_size=64)  # default --workers
+    assert len(summary.done) == 6
+    assert not [w for w in caught if "worker" in str(w.message)], [str(w.message) for w in caught]
 
 
 def test_other_weights_are_refused_in_the_same_folder(work, tmp_path):

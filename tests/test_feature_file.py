@@ -1,6 +1,5 @@
 """Feature files: slidemil's own layout written atomically, and CLAM's and TRIDENT's files read
-as they are written by those tools (layouts taken from CLAM ``extract_features_fp.py`` /
-``utils/file_utils.save_hdf5`` and TRIDENT ``WSI.extract_patch_features`` / ``IO.save_h5``)."""
+as those tools write them (``tests/foreign_files.py``)."""
 
 from __future__ import annotations
 
@@ -9,6 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from foreign_files import (
+    trident_coords_dir,
+    trident_grid,
+    write_clam_features,
+    write_trident_features,
+    write_trident_patch_file,
+)
 from slidemil.errors import ArtifactError
 from slidemil.formats.feature_file import (
     FeatureWriter,
@@ -17,6 +23,7 @@ from slidemil.formats.feature_file import (
     read_feature_file,
     write_feature_file,
 )
+from slidemil.training.bags import probe_feature_file
 
 RNG = np.random.default_rng(0)
 
@@ -87,60 +94,56 @@ def test_truncated_file_is_an_artifact_error_naming_it(tmp_path):
         read_feature_file(tmp_path / "nothing.h5")
 
 
-def _save_hdf5_like_clam(path, assets: dict[str, np.ndarray]) -> None:
-    # CLAM appends batch by batch to resizable datasets chunked by 32 rows, without attributes.
-    with h5py.File(path, "w") as f:
-        for key, value in assets.items():
-            chunks = (32, *value.shape[1:])
-            dset = f.create_dataset(
-                key, shape=value.shape, maxshape=(None, *value.shape[1:]), chunks=chunks,
-                dtype=value.dtype,
-            )  # fmt: skip
-            dset[:] = value
-
-
 def test_reads_clam_h5_and_pt_features(tmp_path):
     features, coords = _bag(70, 1024)
-    (tmp_path / "h5_files").mkdir()
-    (tmp_path / "pt_files").mkdir()
-    _save_hdf5_like_clam(tmp_path / "h5_files" / "s.h5", {"features": features, "coords": coords})
-    torch.save(torch.from_numpy(features), tmp_path / "pt_files" / "s.pt")
+    h5_path, pt_path = write_clam_features(tmp_path, "s", features, coords, batch_size=32)
+    with h5py.File(h5_path, "r") as f:  # what CLAM wrote: no attributes, int32 coords
+        assert not f.attrs and not f["features"].attrs and not f["coords"].attrs
+        assert f["coords"].dtype == np.int32 and f["features"].chunks == (32, 1024)
 
-    h5 = read_feature_file(tmp_path / "h5_files" / "s.h5")
+    h5 = read_feature_file(h5_path)
     assert h5.attrs["source_format"] == "clam-h5" and h5.attrs["has_coords"]
     np.testing.assert_array_equal(h5.features, features)
     np.testing.assert_array_equal(h5.coords, coords)
-    stored = read_feature_file(tmp_path / "h5_files" / "s.h5", dtype=None)
-    assert stored.features.dtype == features.dtype  # dtype=None keeps what is stored
+    assert h5.coords.dtype == np.int64
+    stored = read_feature_file(h5_path, dtype=None)
+    assert stored.features.dtype == np.float32  # dtype=None keeps what is stored
 
-    pt = read_feature_file(tmp_path / "pt_files" / "s.pt")
+    pt = read_feature_file(pt_path)
     assert pt.attrs["source_format"] == "clam-pt" and not pt.attrs["has_coords"]
     np.testing.assert_array_equal(pt.features, features)
     assert pt.coords.shape == (70, 2)
 
 
 def test_reads_trident_h5_and_pt_features(tmp_path):
-    features, coords = _bag(50, 1536)
-    path = tmp_path / "features_uni_v2" / "s.h5"
-    path.parent.mkdir()
-    with h5py.File(path, "w") as f:  # TRIDENT: chunks of one row, attributes per dataset
-        dset = f.create_dataset("features", data=features, chunks=(1, 1536), maxshape=(None, 1536))
-        dset.attrs.update(name="s", savetodir=str(path.parent), encoder="uni_v2")
-        dset = f.create_dataset("coords", data=coords, chunks=(1, 2), maxshape=(None, 2))
-        dset.attrs.update(
-            patch_size=256, patch_size_level0=512, level0_magnification=40,
-            target_magnification=20, overlap=0, name="s", savetodir="None",
-        )  # fmt: skip
+    features, _ = _bag(50, 1536)
+    coords_dir = trident_coords_dir(tmp_path, 20, 256)
+    coords = trident_grid(5120, 2560, 256, 40, 20)
+    write_trident_patch_file(coords_dir, "s", coords, patch_size=256, src_mag=40, target_mag=20,
+                             width=5120, height=2560)  # fmt: skip
+    path = write_trident_features(coords_dir, "s", features, encoder="uni_v2")
+    assert path == coords_dir / "features_uni_v2" / "s.h5"
     bag = read_feature_file(path)
     assert bag.attrs["source_format"] == "trident" and bag.encoder == "uni_v2"
     assert bag.attrs["patch_size_level0"] == 512 and bag.attrs["target_magnification"] == 20
     np.testing.assert_array_equal(bag.features, features)
     np.testing.assert_array_equal(bag.coords, coords)
 
-    torch.save(features, tmp_path / "s.pt")  # TRIDENT's .pt option saves the NumPy array
-    pt = read_feature_file(tmp_path / "s.pt")
+    pt_path = write_trident_features(coords_dir, "s", features, encoder="uni_v2", saveas="pt")
+    pt = read_feature_file(pt_path)  # TRIDENT's .pt option saves the NumPy array
     assert pt.attrs["source_format"] == "trident-pt"
     np.testing.assert_array_equal(pt.features, features)
+
+
+def test_trident_bag_of_a_slide_without_tissue_is_an_empty_bag(tmp_path):
+    # TRIDENT saves features np.empty((0,)) when the encoder does not say its width
+    coords_dir = trident_coords_dir(tmp_path, 20, 256)
+    write_trident_patch_file(coords_dir, "s", np.empty((0, 2)), patch_size=256, src_mag=40,
+                             target_mag=20, width=5120, height=2560)  # fmt: skip
+    path = write_trident_features(coords_dir, "s", np.empty((0,), np.float32), encoder="x")
+    bag = read_feature_file(path)
+    assert len(bag) == 0 and bag.coords.shape == (0, 2)
+    assert probe_feature_file("s", path) == "no instances (empty bag)"  # left out of training
 
 
 def test_foreign_file_that_is_not_features_is_refused(tmp_path):

@@ -1,4 +1,5 @@
-"""Patch files: the slidemil layout round-trips; CLAM and TRIDENT files are read."""
+"""Patch files: the slidemil layout round-trips; CLAM and TRIDENT files are read as those tools
+write them (``tests/foreign_files.py``)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
+from foreign_files import write_clam_patch_file, write_legacy_coords_file, write_trident_patch_file
 from slidemil.errors import ArtifactError
 from slidemil.formats.patch_file import (
     PatchSet,
@@ -34,31 +36,21 @@ def test_slidemil_round_trip_is_clam_readable(tmp_path):
     assert is_complete_patch_file(path)
 
 
-def _write_clam(path, with_downsample: bool):
-    with h5py.File(path, "w") as f:
-        dataset = f.create_dataset("coords", data=COORDS)
-        dataset.attrs["patch_level"] = 1
-        dataset.attrs["patch_size"] = 256
-        if with_downsample:
-            dataset.attrs["downsample"] = np.array([4.0, 4.0])
-            dataset.attrs["downsampled_level_dim"] = np.array([512, 384])
-            dataset.attrs["level_dim"] = np.array([2048, 1536])
-            dataset.attrs["name"] = "clam_slide"
-
-
 def test_clam_file(tmp_path):
-    _write_clam(tmp_path / "clam_slide.h5", with_downsample=True)
-    patches = read_patch_file(tmp_path / "clam_slide.h5")
+    # CLAM reads 256 px at level 1 (downsample 4) of a 2048 x 1536 slide
+    path = write_clam_patch_file(tmp_path, "clam_slide", [COORDS], patch_size=256, patch_level=1,
+                                 level_downsample=(4.0, 4.0), level_dim=(512, 384))  # fmt: skip
+    patches = read_patch_file(path)
     assert patches.source_format == "clam"
     assert patches.read_level == 1 and patches.read_size == 256 and patches.patch_size == 256
     assert patches.target_downsample == 4.0 and patches.patch_size_level0 == 1024.0
     assert patches.slide_dimensions == (2048, 1536) and patches.slide_id == "clam_slide"
     assert np.array_equal(patches.coords, COORDS)
-    assert not is_complete_patch_file(tmp_path / "clam_slide.h5"), "only our own files skip work"
+    assert not is_complete_patch_file(path), "only our own files skip work"
 
 
 def test_old_clam_file_needs_the_slide(tmp_path, small_cohort):
-    _write_clam(tmp_path / "old.h5", with_downsample=False)
+    write_legacy_coords_file(tmp_path / "old.h5", COORDS, patch_size=256, patch_level=1)
     with pytest.raises(ArtifactError, match=r"old\.h5.*downsample"):
         read_patch_file(tmp_path / "old.h5")
     with Slide(small_cohort / "slides" / "slide_0000.svs") as slide:
@@ -68,24 +60,18 @@ def test_old_clam_file_needs_the_slide(tmp_path, small_cohort):
         assert patches.target_mpp == pytest.approx(0.5 * slide.level_downsamples[1])
 
 
-def _write_trident(path):
-    with h5py.File(path, "w") as f:
-        dataset = f.create_dataset("coords", data=COORDS)
-        attrs = {"patch_size": 256, "patch_size_level0": 512, "level0_magnification": 40,
-                 "target_magnification": 20, "overlap": 32, "name": "tri"}  # fmt: skip
-        for key, value in attrs.items():
-            dataset.attrs[key] = value
-
-
 def test_trident_file(tmp_path, small_cohort):
-    _write_trident(tmp_path / "tri_patches.h5")
-    patches = read_patch_file(tmp_path / "tri_patches.h5")
+    # 256 px at 20x of a 40x slide, with 32 px of overlap
+    path = write_trident_patch_file(tmp_path, "tri", COORDS, patch_size=256, src_mag=40,
+                                    target_mag=20, width=2048, height=1536, overlap=32)  # fmt: skip
+    patches = read_patch_file(path)
     assert patches.source_format == "trident"
     assert patches.patch_size == 256 and patches.target_downsample == 2.0
     assert patches.read_level == 0 and patches.read_size == 512
     assert patches.magnification == 20 and patches.step == 224 and patches.slide_id == "tri"
+    assert patches.slide_dimensions == (2048, 1536)
     with Slide(small_cohort / "slides" / "slide_0000.svs") as slide:
-        with_slide = read_patch_file(tmp_path / "tri_patches.h5", slide=slide)
+        with_slide = read_patch_file(path, slide=slide)
     assert with_slide.read_level == 0 and with_slide.read_size == 512
     assert with_slide.target_mpp == pytest.approx(1.0)  # 0.5 µm/px slide, downsample 2
 

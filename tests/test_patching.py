@@ -59,6 +59,7 @@ def test_patch_file_attributes(small_work):
     assert patches.patch_size == 128 and patches.step == 128 and patches.target_mpp == 0.5
     assert patches.slide_mpp == pytest.approx(0.5) and patches.read_size == 128
     assert patches.segmentation["sthresh"] == 8 and patches.min_tissue == 0.5
+    assert patches.extra["reader"] == "tiles"  # provenance: auto picked the raw-tile reader
     # Grid aligned to multiples of the patch footprint.
     assert np.all(patches.coords % 128 == 0)
 
@@ -204,3 +205,111 @@ def test_cli(small_cohort, tmp_path):
     assert read_patch_file(tmp_path / "w" / "patches" / "slide_0000.h5").target_mpp == 1.0
     bad = CliRunner().invoke(app, ["patch", str(tmp_path / "none.csv"), "--out", str(tmp_path)])
     assert bad.exit_code == 2 and "none.csv" in bad.output
+
+
+def _cohort_with_bad_rows(small_cohort, tmp_path):
+    """The 6 good slides and 5 bad rows: a missing path, a directory, an empty file, a missing
+    mask, and a file OpenSlide cannot read."""
+    frame = pd.read_csv(small_cohort / "cohort.csv")
+    frame["path"] = [str(small_cohort / p) for p in frame["path"]]
+    (tmp_path / "a_folder.svs").mkdir()
+    (tmp_path / "empty.svs").write_bytes(b"")
+    (tmp_path / "text.svs").write_text("not a slide\n")
+    good = str(small_cohort / "slides" / "slide_0000.svs")
+    bad = pd.DataFrame({
+        "slide_id": ["gone", "folder", "empty", "nomask", "text"],
+        "path": [str(tmp_path / "gone.svs"), str(tmp_path / "a_folder.svs"),
+                 str(tmp_path / "empty.svs"), good, str(tmp_path / "text.svs")],
+        "mask_path": ["", "", "", str(tmp_path / "no_mask.png"), ""],
+    })  # fmt: skip
+    mixed = pd.concat([frame.iloc[:3], bad, frame.iloc[3:]], ignore_index=True)
+    mixed.to_csv(tmp_path / "cohort.csv", index=False)
+    return tmp_path / "cohort.csv"
+
+
+def test_bad_rows_fail_alone_and_strict_refuses_them_all(small_cohort, tmp_path, caplog):
+    from slidemil.errors import BadRowsError
+
+    csv = _cohort_with_bad_rows(small_cohort, tmp_path)
+    with pytest.raises(BadRowsError) as info:
+        patch(csv, tmp_path / "strict", patch_size=128, strict=True, workers=1, quiet=True)
+    message = str(info.value)
+    for slide_id in ("gone", "folder", "empty", "nomask", "text"):  # every one, at once
+        assert f"{slide_id}: " in message
+    assert "\n" not in message and not (tmp_path / "strict").exists()
+
+    with caplog.at_level("WARNING"):
+        summary = patch(csv, tmp_path / "w", patch_size=128, workers=2, quiet=True)
+    assert len(summary.run.done) == 6
+    counted = [r.getMessage() for r in caplog.records if "cannot be processed" in r.getMessage()]
+    assert len(counted) == 1 and "4 of 11 slide(s)" in counted[0]
+    failures = pd.read_csv(tmp_path / "w" / "patches" / "failures.csv").set_index("slide_id")
+    assert failures["reason"].to_dict() == {
+        "gone": "slide_missing", "folder": "not_a_file", "empty": "empty_file",
+        "nomask": "mask_missing", "text": "unreadable_slide",
+    }  # fmt: skip
+    assert len(pd.read_csv(tmp_path / "w" / "cohort.csv")) == 11  # later stages see them too
+
+
+def test_an_interrupted_overwrite_never_leaves_old_options_files(
+    small_cohort, small_work, tmp_path
+):
+    out = _copy_work(small_work, tmp_path)
+    # --overwrite with new options, interrupted after some slides (here: only one shard ran)
+    patch(small_cohort / "cohort.csv", out, patch_size=256, overwrite=True, shard="0/3",
+          workers=1, quiet=True)  # fmt: skip
+    # the rerun (without --overwrite) must redo every slide still made with the old options
+    summary = patch(small_cohort / "cohort.csv", out, patch_size=256, workers=1, quiet=True)
+    assert sorted(summary.run.skipped) == ["slide_0000", "slide_0003"]
+    assert len(summary.run.done) == 4
+    for path in sorted((out / "patches").glob("slide_*.h5")):
+        assert read_patch_file(path).patch_size == 256, f"{path.name} kept the old options"
+
+
+def _patch_in_process(csv: str, out: str, start, results) -> None:
+    from slidemil.patching import patch as run_patch
+
+    start.wait(120)  # a barrier: both processes begin together, however slow their start-up
+    summary = run_patch(csv, out, patch_size=128, workers=1, quiet=True)
+    results.put((sorted(summary.run.done), sorted(summary.run.locked), dict(summary.failed)))
+
+
+@pytest.mark.slow
+def test_two_patch_processes_on_one_folder_share_the_slides(small_cohort, tmp_path):
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    start, results = context.Barrier(2), context.Queue()
+    args = (str(small_cohort / "cohort.csv"), str(tmp_path / "w"), start, results)
+    processes = [context.Process(target=_patch_in_process, args=args) for _ in range(2)]
+    for process in processes:
+        process.start()
+    outcomes = [results.get(timeout=300) for _ in processes]
+    for process in processes:
+        process.join(60)
+    done = [slide for finished, _, _ in outcomes for slide in finished]
+    assert sorted(done) == sorted(set(done)), "a slide was patched twice"
+    assert len(set(done)) == 6, "every slide patched by one of them"
+    assert not any(failed for _, _, failed in outcomes)
+    assert len(list((tmp_path / "w" / "patches").glob("slide_*.h5"))) == 6
+    assert not list((tmp_path / "w" / "patches").glob(".slide_*"))  # no temp file left
+
+
+def test_cli_strict_refuses_bad_rows_and_the_default_goes_on(small_cohort, tmp_path):
+    from slidemil.cli import (
+        app,
+        commands,  # noqa: F401 - registers the commands
+    )
+
+    frame = pd.DataFrame({"slide_id": ["good", "gone"],
+                          "path": [str(small_cohort / "slides" / "slide_0000.svs"),
+                                   str(tmp_path / "gone.svs")]})  # fmt: skip
+    frame.to_csv(tmp_path / "cohort.csv", index=False)
+    args = ["patch", str(tmp_path / "cohort.csv"), "--mpp", "2.0", "--patch-size", "64", "-j", "1",
+            "--quiet"]  # fmt: skip
+    strict = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "s"), "--strict"])
+    assert strict.exit_code == 2 and "--strict: 1 of 2 row(s)" in strict.output
+    assert "gone.svs: file not found" in strict.output and not (tmp_path / "s").exists()
+    default = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "d")])
+    assert default.exit_code == 0, default.output
+    assert "1 done, 0 already done, 1 failed (1 bad row)" in default.output

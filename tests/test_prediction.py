@@ -13,6 +13,13 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from foreign_files import (
+    trident_coords_dir,
+    write_clam_features,
+    write_clam_patch_file,
+    write_trident_features,
+    write_trident_patch_file,
+)
 from slidemil.errors import ArtifactError, ConfigError
 from slidemil.formats.attention_file import (
     AttentionMap,
@@ -102,8 +109,10 @@ def test_predictions_and_attention_files_from_features(toy, toy_predictions):
     table = pd.read_csv(out / "predictions.csv")
     assert summary.failed == {} and len(summary.run.done) == 16
     assert list(table.columns) == [
-        "slide_id", "patient_id", "label", *prob_columns(table), "predicted", "n_patches",
+        "slide_id", "patient_id", "label", *prob_columns(table), "predicted", "calibration",
+        "n_patches",
     ]  # fmt: skip
+    assert (table["calibration"] == "none").all()  # no --calibrate: raw model probabilities
     assert table.equals(summary.predictions.reset_index(drop=True)) or len(table) == 16
     probabilities = table[prob_columns(table)].to_numpy()
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-6)
@@ -206,33 +215,41 @@ def test_bad_bags_are_recorded_and_the_others_predicted(toy, tmp_path):
     assert len(summary.predictions) == 12
 
 
-def test_clam_and_trident_feature_files_are_placed_by_their_own_geometry(
-    toy, toy_predictions, tmp_path
-):
-    import h5py
-
+def test_clam_and_trident_feature_files_predict_like_slidemil_ones(toy, toy_predictions, tmp_path):
+    """The toy bags as CLAM (h5 and pt, with its patch files) and TRIDENT write them give the
+    same predictions, coordinates and attention as the slidemil files."""
     work, run = toy
     features = tmp_path / "features"
     shutil.copytree(work / "features" / "toy", features)
-    for slide_id, coord_attrs in (
-        ("toy_00", {"patch_level": 0, "patch_size": 128}),  # CLAM: read size at level 0
-        ("toy_01", {"patch_size": 64, "patch_size_level0": 128, "target_magnification": 10}),
-    ):  # TRIDENT: size at the target magnification and its level-0 footprint
+    clam_save_dir = tmp_path / "clam"
+    for slide_id in ("toy_00", "toy_01", "toy_02"):
         bag = read_feature_file(features / f"{slide_id}.h5")
         (features / f"{slide_id}.h5").unlink()
-        with h5py.File(features / f"{slide_id}.h5", "w") as f:  # no format_version: foreign
-            f.create_dataset("features", data=bag.features[None])  # CLAM's (1, N, D) too
-            coords = f.create_dataset("coords", data=bag.coords)
-            coords.attrs.update(coord_attrs)
-    summary = predict(run, work / "cohort.csv", tmp_path / "out", features=features, quiet=True)
+        if slide_id == "toy_02":  # TRIDENT: 64 px at 10x of a 20x slide, 128 level-0 px
+            coords_dir = trident_coords_dir(tmp_path / "trident", 10, 64)
+            write_trident_patch_file(coords_dir, slide_id, bag.coords, patch_size=64, src_mag=20,
+                                     target_mag=10, width=768, height=640)  # fmt: skip
+            written = write_trident_features(coords_dir, slide_id, bag.features, encoder="toy")
+            shutil.copy(written, features / f"{slide_id}.h5")
+            continue
+        # CLAM: 128 px read at level 0; toy_00 as h5_files, toy_01 as pt_files (no coords)
+        level = {"level_downsample": (1.0, 1.0), "level_dim": (768, 640)}
+        write_clam_patch_file(clam_save_dir, slide_id, [bag.coords], patch_size=128,
+                              patch_level=0, **level)  # fmt: skip
+        h5_path, pt_path = write_clam_features(tmp_path / "clam_feats", slide_id, bag.features,
+                                               bag.coords)  # fmt: skip
+        shutil.copy(h5_path if slide_id == "toy_00" else pt_path, features)
+    summary = predict(run, work / "cohort.csv", tmp_path / "out", features=features,
+                      patches=clam_save_dir, quiet=True)  # fmt: skip
     assert not summary.failed
     columns = prob_columns(summary.predictions)
     native = toy_predictions[1].predictions.set_index("slide_id")
     ours = summary.predictions.set_index("slide_id")
-    for slide_id in ("toy_00", "toy_01"):
+    for slide_id in ("toy_00", "toy_01", "toy_02"):
         attention = read_attention_file(tmp_path / "out" / "attention" / f"{slide_id}.h5")
         before = read_attention_file(toy_predictions[0] / "attention" / f"{slide_id}.h5")
         assert attention.patch_size_level0 == 128.0 and attention.attrs["read_level"] == 0
+        assert attention.attrs["slide_dimensions"] == [768, 640]
         np.testing.assert_array_equal(attention.coords, before.coords)
         np.testing.assert_allclose(attention.attention, before.attention, atol=1e-6)
         expected = native.loc[slide_id, columns].to_numpy(float)
@@ -279,6 +296,14 @@ def test_attention_files_round_trip_and_refuse_what_they_cannot_place(tmp_path):
     write_attention_file(path, AttentionMap(coords, np.ones(2), np.ones(2), {"format_version": 9}))
     with pytest.raises(ArtifactError, match="newer"):
         read_attention_file(path)
+    # without a patch geometry the file is whole (the prediction stands), only placing fails
+    problem = {"patch_size_level0": None, "geometry_problem": "no patch file s.h5 in patches/"}
+    write_attention_file(path, AttentionMap(coords, np.ones(2), np.ones(2), problem))
+    assert is_complete_attention_file(path)
+    unplaced = read_attention_file(path)
+    assert unplaced.placement_problem == problem["geometry_problem"]
+    with pytest.raises(ArtifactError, match=r"a\.h5: cannot place.*--patches.*--patch-size-level0"):
+        _ = unplaced.patch_size_level0
 
 
 def test_cli_predicts_from_features(toy, tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from slidemil.errors import ConfigError, SlideOpenError, WorkerCrashError
-from slidemil.runner import Shard, Task, read_failures, run_per_slide
+from slidemil.runner import Shard, Task, options_fingerprint, read_failures, run_per_slide
 
 
 def square_or_fail(slide_id: str, value: int, out: str) -> int:
@@ -126,3 +126,179 @@ def test_workers_that_cannot_run_at_all_stop_the_run_with_one_clear_error(tmp_pa
             workers=2,
             quiet=True,
         )
+
+
+# --- bad rows, fingerprints, locks -------------------------------------------------------------
+
+
+def _missing_input(task):
+    from slidemil.errors import SlideMissingError
+
+    return SlideMissingError(task.path, "file not found") if task.args[0] == 0 else None
+
+
+def test_bad_rows_fail_alone_with_one_warning_line(tmp_path, caplog):
+    tasks = _tasks(tmp_path, [1, 0, 2, 0])
+    with caplog.at_level("WARNING", logger="slidemil.runner"):
+        summary = run_per_slide(
+            "test", tasks, square_or_fail, out_dir=tmp_path, is_done=_done(tmp_path),
+            check=_missing_input, quiet=True,
+        )  # fmt: skip
+    assert sorted(summary.done) == ["s0", "s2"] and sorted(summary.bad) == ["s1", "s3"]
+    assert not (tmp_path / "s1.done").exists()  # never worked on
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert (
+        len(warnings) == 1 and "2 of 4 slide(s)" in warnings[0] and "2 slide_missing" in warnings[0]
+    )
+    failures = read_failures(tmp_path).set_index("slide_id")
+    assert sorted(failures.index) == ["s1", "s3"]
+    assert set(failures["reason"]) == {"slide_missing"}
+    assert "(2 bad rows)" in summary.line()
+
+
+def test_strict_refuses_every_bad_row_at_once_before_any_work(tmp_path):
+    from slidemil.errors import BadRowsError
+
+    with pytest.raises(BadRowsError, match=r"--strict: 2 of 3 row\(s\).*s0\.svs.*s2\.svs"):
+        run_per_slide(
+            "test", _tasks(tmp_path, [0, 1, 0]), square_or_fail, out_dir=tmp_path,
+            is_done=_done(tmp_path), check=_missing_input, strict=True, quiet=True,
+        )  # fmt: skip
+    assert not list(tmp_path.glob("*.done")) and not (tmp_path / "failures.csv").exists()
+
+
+def test_outputs_of_other_options_never_count_as_done(tmp_path):
+    def run(options):
+        return run_per_slide(
+            "test", _tasks(tmp_path, [1, 2, 3]), square_or_fail, out_dir=tmp_path,
+            is_done=_done(tmp_path), fingerprint=lambda task: options_fingerprint(options),
+            quiet=True,
+        )  # fmt: skip
+
+    assert len(run({"size": 1}).done) == 3
+    assert len(run({"size": 1}).skipped) == 3
+    assert len(run({"size": 2}).done) == 3  # same files, made with other options: redone
+
+
+def _hold_lock(folder: str, ready, release) -> None:
+    from pathlib import Path
+
+    from slidemil.locks import SlideLocks
+
+    locks = SlideLocks(Path(folder), "other")
+    locks.acquire("s1")
+    ready.set()
+    release.wait(30)
+    locks.release_all()
+
+
+def test_a_slide_locked_by_a_live_process_is_left_to_it(tmp_path):
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    ready, release = context.Event(), context.Event()
+    holder = context.Process(target=_hold_lock, args=(str(tmp_path / ".locks"), ready, release))
+    holder.start()
+    try:
+        assert ready.wait(60)
+        summary = run_per_slide(
+            "test", _tasks(tmp_path, [1, 2, 3]), square_or_fail, out_dir=tmp_path,
+            is_done=_done(tmp_path), quiet=True,
+        )  # fmt: skip
+    finally:
+        release.set()
+        holder.join(30)
+    assert summary.locked == ["s1"] and sorted(summary.done) == ["s0", "s2"]
+    assert not summary.failed and not (tmp_path / "failures.csv").exists()
+    assert "1 locked by another process" in summary.line()
+
+
+def test_stale_locks_of_dead_or_silent_owners_are_taken_over(tmp_path):
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from slidemil.locks import LOCK_STALE_SECONDS
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    folder = tmp_path / ".locks"
+    folder.mkdir()
+    here = socket.gethostname()
+    owners = {"s0": {"host": here, "pid": dead.pid, "token": "a"},
+              "s1": {"host": "another-node", "pid": 1, "token": "b"},
+              "s2": {"host": "another-node", "pid": 1, "token": "c"}}  # fmt: skip
+    for name, owner in owners.items():
+        (folder / f"{name}.lock").write_text(json.dumps(owner))
+    old = time.time() - LOCK_STALE_SECONDS - 60
+    os.utime(folder / "s1.lock", (old, old))  # silent for too long; s2 was touched just now
+    summary = run_per_slide(
+        "test", _tasks(tmp_path, [1, 2, 3]), square_or_fail, out_dir=tmp_path,
+        is_done=_done(tmp_path), quiet=True,
+    )  # fmt: skip
+    assert sorted(summary.done) == ["s0", "s1"] and summary.locked == ["s2"]
+    assert [p.name for p in folder.iterdir()] == ["s2.lock"]  # ours released, theirs kept
+
+
+def slow_square(slide_id: str, value: int, out: str) -> int:
+    """Logs every computation (O_APPEND: one line per write) so a test can count them."""
+    import os
+    import time
+    from pathlib import Path
+
+    with Path(out, "computed.log").open("a") as log:
+        log.write(f"{slide_id} {os.getpid()}\n")
+    time.sleep(0.3)
+    return square_or_fail(slide_id, value, out)
+
+
+def _run_shared(out: str, values: list[int], start) -> None:
+    from pathlib import Path
+
+    start.wait(120)  # a barrier: both processes begin together, however slow their start-up
+    tasks = [Task(f"s{i}", f"s{i}.svs", (v, out)) for i, v in enumerate(values)]
+    run_per_slide(
+        "test", tasks, slow_square, out_dir=out, quiet=True,
+        is_done=lambda task: Path(out, f"{task.slide_id}.done").is_file(),
+    )  # fmt: skip
+
+
+def test_two_processes_on_one_folder_compute_each_slide_once(tmp_path):
+    import multiprocessing
+
+    values = [1, -1, 2, 13, 3, 4, 5, -1]
+    context = multiprocessing.get_context("spawn")
+    start = context.Barrier(2)
+    processes = [
+        context.Process(target=_run_shared, args=(str(tmp_path), values, start)) for _ in range(2)
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(120)
+        assert process.exitcode == 0
+    computed = [line.split()[0] for line in (tmp_path / "computed.log").read_text().splitlines()]
+    assert sorted(computed) == sorted(f"s{i}" for i in range(len(values)))  # each exactly once
+    pids = {line.split()[1] for line in (tmp_path / "computed.log").read_text().splitlines()}
+    assert len(pids) == 2, "both processes should have worked"
+    failures = read_failures(tmp_path)
+    assert sorted(failures["slide_id"]) == ["s1", "s3", "s7"]  # none lost, none twice
+    assert not (tmp_path / ".locks").exists()
+
+
+def test_failures_csv_ignores_temp_files_of_records_being_written(tmp_path):
+    import json
+
+    from slidemil.runner import write_failures_csv
+
+    folder = tmp_path / ".failures"
+    folder.mkdir()
+    record = {"slide_id": "s1", "path": "s1.svs", "stage": "t", "reason": "x", "error": "e",
+              "time": "now"}  # fmt: skip
+    (folder / "s1.json").write_text(json.dumps(record))
+    (folder / ".s1.tmp-0123abcd.json").write_text(json.dumps(record))  # a rename in flight
+    write_failures_csv(tmp_path)
+    assert list(read_failures(tmp_path)["slide_id"]) == ["s1"]

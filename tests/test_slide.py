@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import shutil
+import tracemalloc
 
+import cv2
 import numpy as np
 import pytest
 
+from flat_slides import write_flat_tiff
 from slidemil.errors import MissingMppError, SlideOpenError, SlideReadError
-from slidemil.slide import Slide
+from slidemil.slide import REGION_CHUNK, Slide
 from slidemil.synthetic import SlideScene, load_truth, write_pyramid
 
 
@@ -139,3 +142,63 @@ def test_truncated_slide_is_an_error_not_a_crash(small_cohort, tmp_path):
 def _write(path, data: bytes):
     path.write_bytes(data)
     return path
+
+
+@pytest.fixture(scope="module")
+def flat_slide(tmp_path_factory):
+    return write_flat_tiff(tmp_path_factory.mktemp("flat") / "flat.tif", 6144, 5120)
+
+
+def test_flat_slide_thumbnail_is_read_block_by_block(flat_slide):
+    """A single-level slide's thumbnail comes from level 0 in bounded blocks: the same image as a
+    whole-level area downscale, with a fraction of that level's memory."""
+    with Slide(flat_slide) as slide:
+        assert slide.level_count == 1 and slide.mpp == pytest.approx(0.5, rel=1e-3)
+        tracemalloc.start()
+        try:
+            thumb, downsample = slide.thumbnail(1024)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        whole = slide.read_region((0, 0), 0, slide.dimensions)
+    level_bytes = whole.nbytes * 4 // 3  # OpenSlide hands over RGBA
+    assert peak < level_bytes / 5, f"peak {peak / 2**20:.0f} MiB: level 0 was read whole"
+    assert thumb.shape == (853, 1024, 3) and downsample == pytest.approx(6.0)
+    # the whole level shrunk by the same 6x (853 rows cover 5118 of the 5120 px)
+    reference = cv2.resize(whole[: 853 * 6], (1024, 853), interpolation=cv2.INTER_AREA)
+    difference = np.abs(reference.astype(np.int16) - thumb.astype(np.int16))
+    assert difference.mean() < 1.0 and np.percentile(difference, 99) < 12
+
+
+def test_whole_level_read_in_blocks_is_exact(flat_slide):
+    with Slide(flat_slide) as slide:
+        assert slide.dimensions[0] > REGION_CHUNK
+        plan = slide.plan_for_downsample(1.0)
+        region = slide.read_scaled((1000, 700), plan, (2500, 1300))
+        assert np.array_equal(region, slide.read_region((1000, 700), 0, (2500, 1300)))
+        level = slide.read_level(0)
+        assert level.shape == (5120, 6144, 3)
+        assert np.array_equal(
+            level[3000:3100, 4000:4200], slide.read_region((4000, 3000), 0, (200, 100))
+        )
+
+
+@pytest.mark.parametrize("reader", ["openslide", "tiles"])
+def test_slide_reads_through_the_chosen_reader(small_cohort, reader):
+    """The same slide through either reader: same geometry and µm/px, same patches (JPEG
+    decoders and sub-pixel rounding aside), and OpenSlide's errors as ours."""
+    path = _slide_path(small_cohort)
+    coords = np.array([[0, 0], [512, 256], [1800, 1500]])
+    with Slide(path) as auto, Slide(path, reader=reader) as chosen:
+        assert auto.reader_name == "tiles" and chosen.reader_name == reader
+        assert chosen.level_dimensions == auto.level_dimensions
+        assert chosen.level_downsamples == auto.level_downsamples
+        assert chosen.mpp == auto.mpp and chosen.vendor == "aperio"
+        ours = chosen.read_patches(coords, 1, 64, 32).astype(np.int16)
+        theirs = auto.read_patches(coords, 1, 64, 32).astype(np.int16)
+        assert ours.shape == (3, 32, 32, 3) and np.abs(ours - theirs).max() <= 4
+        thumb, _ = chosen.thumbnail(256)
+        reference, _ = auto.thumbnail(256)
+        assert np.abs(thumb.astype(np.int16) - reference).max() <= 4
+        with pytest.raises(SlideReadError, match="level 7"):
+            chosen.read_region((0, 0), 7, (8, 8))

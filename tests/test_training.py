@@ -51,6 +51,7 @@ HISTORY_COLUMNS = [
     "val_balanced_accuracy",
     "val_macro_f1",
     "val_macro_auc",
+    "val_selected",
     "lr",
     "seconds",
 ]
@@ -147,11 +148,14 @@ def test_run_outputs_have_their_documented_layout(learned):
     assert {"accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "recall_class_2"} <= set(
         metrics
     )
-    # the best epoch is the best balanced accuracy, ties going to the lower validation loss
-    best = history.sort_values(["val_balanced_accuracy", "val_loss"], ascending=[False, True])
+    # the best epoch has the best smoothed balanced accuracy (val_selected: the trailing mean of
+    # 5 epochs), ties going to the lower validation loss; with 12 epochs < min_epochs (30), every
+    # epoch may be best and none stops early
+    smoothed = history["val_balanced_accuracy"].rolling(5, min_periods=1).mean()
+    np.testing.assert_allclose(history["val_selected"], smoothed)
+    best = history.sort_values(["val_selected", "val_loss"], ascending=[False, True])
     assert metrics["best_epoch"] == best["epoch"].iloc[0]
-    # early stopping: it ran out of epochs, or stopped `patience` epochs after the best one
-    assert len(history) == 12 or len(history) == metrics["best_epoch"] + 5 + 1
+    assert len(history) == 12
 
     predictions = pd.read_csv(out / "fold_0" / "predictions.csv")
     assert len(predictions) == metrics["n_test"]
@@ -171,15 +175,21 @@ def test_evaluation_reads_the_run(learned):
 
 
 @pytest.mark.parametrize(
-    ("schedule", "switch_cache"), [("warmup-cosine", False), ("plateau", True)]
+    ("schedule", "switch_cache", "sampling"),
+    [
+        ("warmup-cosine", False, {}),
+        ("plateau", True, {}),
+        # balanced sampling in batches, with early-stopping state that spans the interruption
+        ("cosine", False, {"sampler": "balanced", "batch_size": 2, "smoothing": 3}),
+    ],
 )
 def test_a_stopped_run_resumes_to_the_same_weights_as_an_uninterrupted_one(
-    tmp_path, schedule, switch_cache
+    tmp_path, schedule, switch_cache, sampling
 ):
     work = make_random_work(tmp_path / "work", patients=12, dim=16, seed=2)
     options = dict(
         TINY, epochs=5, lr=3e-3, max_patches=12, dropout=0.25, schedule=schedule,
-        warmup_epochs=2, patience=None,
+        warmup_epochs=2, patience=0, min_epochs=0, **sampling,
     )  # fmt: skip
     whole = train(work.root, tmp_path / "whole", **options)
 
@@ -404,3 +414,149 @@ def test_the_example_experiment_config_loads_for_every_stage():
         loaded = build(model, section=section, config_file=example)
         assert loaded.model_dump(mode="json") | sections[section] == loaded.model_dump(mode="json")
     assert build(TrainConfig, section="train", config_file=example).folds == 5
+
+
+def test_early_stopping_waits_for_min_epochs_and_picks_the_best_from_then_on():
+    from slidemil.training.loop import EarlyStopping
+
+    # a lucky epoch 1 on a tiny validation part, then real learning from epoch 4 on
+    values = [0.3, 0.9, 0.3, 0.3, 0.5, 0.6, 0.7, 0.7, 0.6, 0.6, 0.6]
+    stopper = EarlyStopping(True, patience=2, min_epochs=4)
+    trained = []
+    for epoch, value in enumerate(values):
+        if stopper.should_stop:
+            break
+        stopper.update(value, epoch, loss=1.0)
+        trained.append(epoch)
+    assert stopper.best_epoch == 6  # not the lucky epoch 1, though it scored higher
+    assert trained[-1] == 8  # patience counted from the best epoch, never before min_epochs
+
+    plain = EarlyStopping(True, patience=2)
+    for epoch, value in enumerate(values):
+        if plain.should_stop:
+            break
+        plain.update(value, epoch, loss=1.0)
+    assert plain.best_epoch == 1 and plain.should_stop  # what min_epochs prevents
+
+    # a run that ends before min_epochs still has its best epoch
+    short = EarlyStopping(True, patience=2, min_epochs=20)
+    for epoch, value in enumerate(values[:4]):
+        short.update(value, epoch)
+    assert short.best_epoch == 1 and not short.should_stop
+
+
+def test_smoothing_prefers_a_plateau_to_a_single_lucky_epoch():
+    from slidemil.training.loop import EarlyStopping
+
+    values = [0.2, 0.9, 0.2, 0.6, 0.7, 0.7, 0.7, float("nan"), 0.7]
+    raw = EarlyStopping(True, patience=None)
+    smooth = EarlyStopping(True, patience=None, smoothing=3)
+    compared = []
+    for epoch, value in enumerate(values):
+        raw.update(value, epoch)
+        compared.append(smooth.smoothed(value))
+        smooth.update(value, epoch)
+    assert raw.best_epoch == 1
+    assert smooth.best_epoch == 6  # mean of 0.7, 0.7, 0.7 beats 0.2, 0.9, 0.2 (0.433)
+    assert compared[2] == pytest.approx(13 / 30) and compared[7] == pytest.approx(
+        0.7
+    )  # NaN left out
+
+
+def test_min_epochs_holds_off_early_stopping_in_a_run(tmp_path):
+    work = make_random_work(tmp_path / "work", patients=12, dim=16, seed=10)
+    result = train(
+        work.root, tmp_path / "run", epochs=8, patience=1, min_epochs=5, smoothing=1,
+        monitor="loss", **TINY,
+    )  # fmt: skip
+    history = pd.read_csv(tmp_path / "run" / "fold_0" / "history.csv")
+    best = result.folds[0]["best_epoch"]
+    assert best >= 5  # chosen from min_epochs on, though epochs 0-4 count as validated too
+    assert len(history) == 8 or len(history) == best + 2  # stops patience (1) after the best
+    assert history.loc[history["epoch"] >= 5, "val_loss"].min() == pytest.approx(
+        history.loc[history["epoch"] == best, "val_loss"].iloc[0]
+    )
+
+
+def test_the_standardizer_is_fitted_streaming_and_matches_the_concatenation(tmp_path):
+    import tracemalloc
+
+    from slidemil.formats.feature_file import write_feature_file
+    from slidemil.training.bags import fit_standardizer
+
+    rng = np.random.default_rng(0)
+    # a large mean against a small spread, float32 and float16 bags, one constant feature
+    bags = [(3000 + 0.05 * rng.normal(size=(n, 8))).astype(np.float32) for n in (5, 1200, 3, 777)]
+    bags.append(rng.normal(size=(400, 8)).astype(np.float16) + np.float16(3000))
+    for bag in bags:
+        bag[:, 7] = 5.0
+    reference = np.concatenate([b.astype(np.float64) for b in bags])
+    fitted = fit_standardizer(bags)
+    np.testing.assert_allclose(fitted.mean, reference.mean(0), rtol=1e-7)
+    np.testing.assert_allclose(fitted.std[:7], reference.std(0)[:7], rtol=1e-5)
+    assert fitted.std[7] == 1.0  # constant: centred only
+    assert fitted.mean.dtype == fitted.std.dtype == np.float32
+
+    # from files: a chunk at a time, never a float64 (or float32) copy of a whole bag
+    path = tmp_path / "big.h5"
+    big = rng.normal(2.0, 3.0, size=(200_000, 64)).astype(np.float32)  # 51 MiB
+    write_feature_file(path, big, np.zeros((len(big), 2), np.int64), {"slide_id": "big"})
+    expected = big.astype(np.float64)
+    mean, std = expected.mean(0), expected.std(0)
+    del expected
+    tracemalloc.start()
+    from_file = fit_standardizer([path])
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    np.testing.assert_allclose(from_file.mean, mean, rtol=1e-6)
+    np.testing.assert_allclose(from_file.std, std, rtol=1e-6)
+    assert peak < 16 * 2**20  # MiB: the bag alone is 51 in float32, 102 in float64
+
+    tracemalloc.start()
+    fit_standardizer([big])  # a cached bag: chunked as well
+    assert tracemalloc.get_traced_memory()[1] < 16 * 2**20
+    tracemalloc.stop()
+
+    # features stored as one batch (1, N, D), as read_bag accepts them
+    batched = tmp_path / "batched.h5"
+    with h5py.File(batched, "w") as f:
+        f.create_dataset("features", data=bags[1][None])
+    np.testing.assert_array_equal(
+        fit_standardizer([batched]).mean, fit_standardizer([bags[1]]).mean
+    )
+
+
+def test_a_run_refuses_to_resume_under_another_number_of_processes(tmp_path):
+    from slidemil.training.checkpoint import save_checkpoint
+
+    work = make_random_work(tmp_path / "work", patients=12, dim=16, seed=11)
+    train(work.root, tmp_path / "run", epochs=3, epoch_budget=1, **TINY)
+    latest = tmp_path / "run" / "fold_0" / "checkpoint_latest.pt"
+    state = load_checkpoint(latest)
+    assert state["world_size"] == 1
+    state["world_size"] = 2  # as a two-process torchrun job leaves it
+    save_checkpoint(latest, state)
+    with pytest.raises(ConfigError, match=r"interrupted run used 2 process\(es\), this one 1"):
+        train(work.root, tmp_path / "run", epochs=3, **TINY)
+
+
+@pytest.mark.slow
+def test_a_torchrun_job_resumed_by_one_process_is_refused(tmp_path):
+    work = make_random_work(tmp_path / "work", patients=12, dim=16, seed=12)
+    out = tmp_path / "ddp"
+    args = ["train", str(work.root), "--epochs", "3", "--hidden-dim", "16", "--attention-dim", "8"]
+    args += ["--device", "cpu", "--quiet", "--epoch-budget", "1", "--out", str(out)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node", "2", "-m", "slidemil", *args]
+    done = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert load_checkpoint(out / "fold_0" / "checkpoint_latest.pt")["world_size"] == 2
+    with pytest.raises(ConfigError, match=r"used 2 process\(es\), this one 1.*nproc_per_node"):
+        train(work.root, out, epochs=3, **TINY)
+    assert len(pd.read_csv(out / "fold_0" / "history.csv")) == 1  # nothing was trained

@@ -9,6 +9,9 @@ The pipeline, one function per stage (each also a ``slidemil`` command)::
     slidemil.evaluate("runs/exp1")
     slidemil.predict("runs/exp1", "new.csv", "preds/")   # new slides -> predictions + attention
     slidemil.heatmap("preds/")                 # attention -> heat maps, QuPath / TIFF exports
+    slidemil.sweep("work/", "sweep.yaml", "runs/sweep1")  # hyperparameter search (Optuna)
+    slidemil.export("runs/exp1", "model/")     # ONNX / TorchScript graph + model card
+    slidemil.view("preds/")                    # the slides + attention in the browser
     slidemil.demo("demo/")                     # all of the above on a synthetic cohort
 
 Heavy modules (torch, OpenSlide) load on first use, so ``import slidemil`` is cheap.
@@ -40,11 +43,14 @@ _API = {
     "list_models": "slidemil.models",
     "build_model": "slidemil.models",
     "evaluate": "slidemil.evaluation",
+    "export": "slidemil.deployment",
     "EvaluateConfig": "slidemil.evaluation",
     "predict": "slidemil.prediction",
     "PredictConfig": "slidemil.prediction",
     "heatmap": "slidemil.heatmaps",
+    "sweep": "slidemil.tuning",
     "HeatmapConfig": "slidemil.heatmaps",
+    "view": "slidemil.viewer",
     "demo": "slidemil.demonstration",
     "DemoConfig": "slidemil.demonstration",
 }

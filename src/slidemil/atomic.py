@@ -7,6 +7,7 @@ which the next run ignores and overwrites.
 from __future__ import annotations
 
 import contextlib
+import glob
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,4 +49,18 @@ def write_csv(path: str | Path, frame: pd.DataFrame) -> None:
 
 
 def is_temp_file(path: Path) -> bool:
+    """True for a temp file of :func:`atomic_path` (``.<stem>.tmp-<8 hex><suffix>``)."""
     return path.name.startswith(".") and TEMP_MARKER in path.name
+
+
+def remove_temps(folder: str | Path, stem: str) -> None:
+    """Delete the temp files of ``folder/<stem>.*`` a killed run left behind.
+
+    Call it only while holding that output's lock (:class:`slidemil.locks.SlideLocks`): a temp
+    file of a slide another process is writing right now is not stale.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for stale in folder.glob(f".{glob.escape(stem)}{TEMP_MARKER}*"):
+        stale.unlink(missing_ok=True)

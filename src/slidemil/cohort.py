@@ -16,7 +16,8 @@ from pathlib import Path
 import pandas as pd
 
 from slidemil import atomic
-from slidemil.errors import CohortError
+from slidemil.errors import CohortError, SlidemilError
+from slidemil.inputs import mask_file_problem, slide_file_problem
 
 REQUIRED_COLUMNS = ("slide_id", "path")
 TRAINING_COLUMNS = ("label", "patient_id")
@@ -119,7 +120,9 @@ def load_cohort(
     Args:
         csv_path: the CSV file.
         require_labels: demand ``label`` and ``patient_id`` (training); prediction passes False.
-        check_files: demand that every slide (and mask) file exists.
+        check_files: count a missing, empty or unreadable slide (or mask) file as a problem of
+            the CSV. The stages pass False: for them such a row is a *bad row*, recorded in
+            ``failures.csv`` (see :func:`row_problem`) while the rest of the cohort goes on.
         class_names: a fixed class order (e.g. a trained model's); labels outside it are errors.
     """
     csv_path = Path(csv_path)
@@ -192,10 +195,8 @@ def _parse_row(row, line, base, require_labels, check_files, problems) -> SlideR
     path = _resolve(cell("path"), base)
     if path is None:
         problems.append(f"line {line}: empty path")
-    elif check_files and not path.exists():
-        problems.append(f"line {line}: slide file not found: {path}")
-    elif check_files and path.is_dir() and path.suffix.lower() != ".mrxs":
-        problems.append(f"line {line}: slide path is a directory: {path}")
+    elif check_files and (error := slide_file_problem(path)) is not None:
+        problems.append(f"line {line}: slide {error}")
 
     label = cell("label") or None
     patient = cell("patient_id") or None
@@ -205,8 +206,8 @@ def _parse_row(row, line, base, require_labels, check_files, problems) -> SlideR
         problems.append(f"line {line}: empty patient_id")
 
     mask_path = _resolve(cell("mask_path"), base)
-    if mask_path is not None and check_files and not mask_path.is_file():
-        problems.append(f"line {line}: mask file not found: {mask_path}")
+    if mask_path is not None and check_files and (error := mask_file_problem(mask_path)):
+        problems.append(f"line {line}: {error}")
 
     split = cell("split").lower() or None
     if split is not None and split not in SPLIT_NAMES:
@@ -235,6 +236,27 @@ def _parse_row(row, line, base, require_labels, check_files, problems) -> SlideR
         split=split,
         slide_mpp=slide_mpp,
     )
+
+
+def row_problem(record: SlideRecord, *, open_slide: bool = False) -> SlidemilError | None:
+    """Why a row's slide (or mask) file cannot be used, ``None`` when it can: the check a stage
+    runs on every row before any work, so a bad row fails alone (``failures.csv``).
+
+    Reasons: ``slide_missing``, ``not_a_file``, ``empty_file``, ``unreadable``, ``mask_missing``,
+    ``bad_mask``; with ``open_slide`` (``--strict``) also ``unreadable_slide`` when OpenSlide
+    cannot open the file.
+    """
+    error = slide_file_problem(record.path)
+    if error is None and record.mask_path is not None:
+        error = mask_file_problem(record.mask_path)
+    if error is None and open_slide:
+        from slidemil.slide import Slide  # here: OpenSlide is needed only when opening
+
+        try:
+            Slide(record.path).close()
+        except SlidemilError as e:
+            error = e
+    return error
 
 
 def _resolve(value: str, base: Path) -> Path | None:

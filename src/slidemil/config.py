@@ -8,6 +8,7 @@ writes the resolved section next to its outputs so any result can be reproduced.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -33,6 +34,21 @@ def _check_shard(value: str | None) -> str | None:
 
     Shard.parse(value)
     return value
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (the SLURM/cgroup allocation, not the node's core count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def default_reader_workers(cap: int = 8) -> int:
+    """Reader processes for one process's DataLoader: its share of the CPUs (torchrun ranks of a
+    node split them) less one for the process itself, at most ``cap``."""
+    ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(0, min(cap, available_cpus() // ranks_here - 1))
 
 
 # Option types shared by the stages that run on a device or over shards of a cohort.
@@ -126,4 +142,14 @@ def write_resolved(path: str | Path, sections: dict[str, StageConfig | dict]) ->
 
 
 # Sections a config file may have; each stage module defines its model under one of these names.
-STAGE_SECTIONS = ("synth", "patch", "extract", "train", "evaluate", "predict", "heatmap", "demo")
+STAGE_SECTIONS = (
+    "synth",
+    "patch",
+    "extract",
+    "train",
+    "evaluate",
+    "predict",
+    "heatmap",
+    "view",
+    "demo",
+)

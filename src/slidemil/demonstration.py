@@ -229,6 +229,8 @@ def summary_text(result: DemoResult, config: DemoConfig) -> str:
         ),
         "  outputs:",
         *(f"    {name:<12} {path}" for name, path in result.paths.items()),
+        "  look at the slides and their attention in the browser:",
+        f"    slidemil view {Path(result.paths['predictions']).parent}",
     ]
     return "\n".join(lines)
 

@@ -36,6 +36,30 @@ class SlideOpenError(SlidemilError):
     reason = "unreadable_slide"
 
 
+class SlideMissingError(SlideOpenError):
+    """The slide path of a row does not exist."""
+
+    reason = "slide_missing"
+
+
+class NotAFileError(SlideOpenError):
+    """The path of a row is a directory (or another non-file), not a slide file."""
+
+    reason = "not_a_file"
+
+
+class EmptyFileError(SlideOpenError):
+    """The file of a row is empty (0 bytes): an interrupted copy or download."""
+
+    reason = "empty_file"
+
+
+class UnreadableFileError(SlideOpenError):
+    """The file exists but cannot be read (permissions, an I/O error on network storage)."""
+
+    reason = "unreadable"
+
+
 class MissingMppError(SlidemilError):
     """The slide has no µm/px metadata and no override was given."""
 
@@ -54,6 +78,13 @@ class CohortError(SlidemilError):
     reason = "bad_cohort"
 
 
+class BadRowsError(CohortError):
+    """``--strict``: some rows cannot be processed (missing, empty or unreadable files), so the
+    cohort is refused before any work; every bad row is listed."""
+
+    reason = "bad_rows"
+
+
 class ConfigError(SlidemilError):
     """A configuration file or option is invalid (unknown key, wrong type, bad value)."""
 
@@ -70,6 +101,12 @@ class MaskError(SlidemilError):
     """A user tissue mask cannot be read or does not match its slide."""
 
     reason = "bad_mask"
+
+
+class MaskMissingError(MaskError):
+    """The ``mask_path`` of a row does not exist (or is not a file)."""
+
+    reason = "mask_missing"
 
 
 class NoTissueError(SlidemilError):
@@ -100,3 +137,15 @@ class RegistryError(SlidemilError):
     """An unknown or duplicate name in a registry (encoders, MIL models)."""
 
     reason = "unknown_name"
+
+
+def error_class_for(reason: str) -> type[SlidemilError]:
+    """The error class whose ``reason`` is ``reason`` (:class:`SlidemilError` when none is), to
+    rebuild an error read back from a ``failures.csv`` row."""
+    found = [SlidemilError]
+    while found:
+        kind = found.pop()
+        if kind.reason == reason:
+            return kind
+        found.extend(kind.__subclasses__())
+    return SlidemilError

@@ -1,8 +1,11 @@
-"""Slide access: one narrow interface over OpenSlide.
+"""Slide access: one narrow interface over the slide readers.
 
 Coordinates follow OpenSlide: ``(x, y)`` locations are always level-0 pixels, sizes are pixels at
 the level being read. Physical resolution is in µm/px ("mpp"). Everything a stage needs from a
-slide goes through :class:`Slide`, so a faster tile reader can later sit behind the same methods.
+slide goes through :class:`Slide`, which opens the file with
+:func:`~slidemil.readers.pick_reader` (the raw-tile reader for tiled TIFF/SVS, OpenSlide for the
+rest) and adds what the stages need on top: µm/px with overrides, level choice, scaled reads,
+thumbnails and batches of resized patches.
 """
 
 from __future__ import annotations
@@ -11,19 +14,22 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
-import openslide
 
-from slidemil.errors import MissingMppError, SlideOpenError, SlideReadError
+from slidemil.errors import MissingMppError
+from slidemil.readers.choice import ReaderName, pick_reader
+from slidemil.readers.patches import read_patches, resize_patch
 
-# Plausible scanner resolutions in µm/px: TIFF resolution tags outside this range are defaults
-# written by generic software (72 dpi, 1 px/unit), not a real physical size.
-PLAUSIBLE_MPP = (0.05, 20.0)
+PROPERTY_OBJECTIVE_POWER = "openslide.objective-power"
+PROPERTY_VENDOR = "openslide.vendor"
 
 # Downsamples within this relative tolerance of a level count as that level (pyramids built by
 # rounding dimensions report 3.9998 instead of 4).
 LEVEL_TOLERANCE = 1e-2
+
+# Longest side (px at the level read) fetched by one read_region call; bigger reads go block by
+# block. 1024² px is 4 MB of RGBA from OpenSlide.
+REGION_CHUNK = 1024
 
 MPP_FIX = "give it with --slide-mpp, or a 'slide_mpp' column in the cohort CSV"
 
@@ -47,54 +53,54 @@ class ReadPlan:
 
 
 class Slide:
-    """A whole-slide image opened with OpenSlide.
+    """A whole-slide image.
 
     Args:
         path: the slide file (any format OpenSlide reads: .svs, .tif, .ndpi, .mrxs, ...).
         mpp_override: level-0 µm/px to use instead of (or in the absence of) the file's metadata.
+        reader: ``auto`` (the raw-tile reader where the file allows, else OpenSlide),
+            ``openslide`` or ``tiles`` (see :func:`~slidemil.readers.pick_reader`).
     """
 
-    def __init__(self, path: str | Path, mpp_override: float | None = None):
+    def __init__(
+        self, path: str | Path, mpp_override: float | None = None, reader: ReaderName = "auto"
+    ):
         self.path = Path(path)
-        if not self.path.exists():
-            raise SlideOpenError(self.path, "file not found")
-        if self.path.is_dir():
-            raise SlideOpenError(self.path, "is a directory, expected a slide file")
-        try:
-            self._osr = openslide.OpenSlide(str(self.path))
-        except openslide.OpenSlideUnsupportedFormatError as e:
-            raise SlideOpenError(self.path, "not a slide format OpenSlide can read") from e
-        except (openslide.OpenSlideError, OSError) as e:
-            raise SlideOpenError(self.path, f"OpenSlide cannot open it: {e}") from e
         if mpp_override is not None and not mpp_override > 0:
             raise MissingMppError(self.path, f"µm/px override must be positive, got {mpp_override}")
+        self._reader = pick_reader(self.path, reader)  # SlideOpenError when it cannot
         self._mpp_override = mpp_override
 
     # -- geometry -------------------------------------------------------------------------------
     @property
+    def reader_name(self) -> str:
+        """The reader in use: ``"tiles"`` or ``"openslide"`` (for provenance)."""
+        return self._reader.name
+
+    @property
     def dimensions(self) -> tuple[int, int]:
         """Level-0 (width, height) in px."""
-        return self._osr.dimensions
+        return self._reader.dimensions
 
     @property
     def level_count(self) -> int:
-        return self._osr.level_count
+        return len(self._reader.level_dimensions)
 
     @property
     def level_dimensions(self) -> tuple[tuple[int, int], ...]:
-        return self._osr.level_dimensions
+        return self._reader.level_dimensions
 
     @property
     def level_downsamples(self) -> tuple[float, ...]:
-        return self._osr.level_downsamples
+        return self._reader.level_downsamples
 
     @property
     def properties(self) -> dict[str, str]:
-        return dict(self._osr.properties)
+        return self._reader.properties
 
     @property
     def vendor(self) -> str | None:
-        return self._osr.properties.get(openslide.PROPERTY_NAME_VENDOR)
+        return self.properties.get(PROPERTY_VENDOR)
 
     # -- physical resolution ----------------------------------------------------------------------
     @property
@@ -102,15 +108,7 @@ class Slide:
         """Level-0 µm/px: the override, else the file's metadata, else ``None``."""
         if self._mpp_override is not None:
             return float(self._mpp_override)
-        props = self._osr.properties
-        values = [
-            _to_float(props.get(openslide.PROPERTY_NAME_MPP_X)),
-            _to_float(props.get(openslide.PROPERTY_NAME_MPP_Y)),
-        ]
-        values = [v for v in values if v is not None and v > 0]
-        if values:
-            return float(np.mean(values))
-        return _mpp_from_tiff_resolution(props)
+        return self._reader.mpp
 
     @property
     def mpp(self) -> float:
@@ -123,7 +121,7 @@ class Slide:
     @property
     def objective_power(self) -> float | None:
         """Scanning magnification from metadata (e.g. 20 or 40), or ``None``."""
-        return _to_float(self._osr.properties.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER))
+        return _to_float(self.properties.get(PROPERTY_OBJECTIVE_POWER))
 
     def mpp_for_magnification(self, magnification: float) -> float:
         """µm/px that corresponds to ``magnification`` on this slide.
@@ -167,33 +165,69 @@ class Slide:
 
         Transparent pixels (outside the scanned area) come back white.
         """
-        try:
-            rgba = np.asarray(
-                self._osr.read_region((int(location[0]), int(location[1])), level, size)
-            )
-        except openslide.OpenSlideError as e:
-            raise SlideReadError(
-                self.path, f"cannot read region at {location} level {level}: {e}"
-            ) from e
-        return _composite_on_white(rgba)
+        return self._reader.read_region(location, level, size)
+
+    def read_patches(
+        self, coords: np.ndarray, level: int, read_size: int, patch_size: int
+    ) -> np.ndarray:
+        """RGB uint8 (N, patch_size, patch_size, 3): ``read_size`` px squares at ``level`` from
+        each level-0 (x, y) of ``coords``, read in one batch (each stored tile decoded once) and
+        resized to ``patch_size`` px (area averaging when shrinking)."""
+        return read_patches(self._reader, coords, level, read_size, patch_size)
 
     def read_scaled(
         self, location: tuple[int, int], plan: ReadPlan, size: tuple[int, int]
     ) -> np.ndarray:
-        """``size`` px at ``plan``'s target resolution, read from ``plan.level`` and resized."""
+        """``size`` px at ``plan``'s target resolution, read from ``plan.level`` and resized.
+
+        A region larger than ``REGION_CHUNK`` px a side at ``plan.level`` is read block by block
+        (each block resized with area interpolation and pasted), so memory holds the output and
+        one block, never the whole region: a thumbnail of a flat 100k x 100k px slide needs tens of
+        MB, not tens of GB.
+        """
+        width, height = int(size[0]), int(size[1])
+        read_size = (math.ceil(width * plan.scale), math.ceil(height * plan.scale))
+        if max(read_size) > REGION_CHUNK:
+            return self._read_scaled_in_blocks(location, plan, (width, height))
         if plan.scale == 1.0:
-            return self.read_region(location, plan.level, size)
-        read_size = (math.ceil(size[0] * plan.scale), math.ceil(size[1] * plan.scale))
+            return self.read_region(location, plan.level, (width, height))
         region = self.read_region(location, plan.level, read_size)
-        interp = cv2.INTER_AREA if plan.scale > 1 else cv2.INTER_LINEAR
-        return cv2.resize(region, size, interpolation=interp)
+        return resize_patch(region, (width, height))
+
+    def _read_scaled_in_blocks(
+        self, location: tuple[int, int], plan: ReadPlan, size: tuple[int, int]
+    ) -> np.ndarray:
+        width, height = size
+        scale = plan.scale
+        # output px per block side, so that one block reads at most REGION_CHUNK px a side
+        block = max(1, math.floor(REGION_CHUNK / max(scale, 1.0)))
+        out = np.empty((height, width, 3), np.uint8)
+        for y in range(0, height, block):
+            for x in range(0, width, block):
+                w, h = min(block, width - x), min(block, height - y)
+                # the block's footprint at plan.level, widened to whole px
+                sx0, sy0 = math.floor(x * scale), math.floor(y * scale)
+                sx1, sy1 = math.ceil((x + w) * scale), math.ceil((y + h) * scale)
+                origin = (
+                    int(location[0]) + round(sx0 * plan.level_downsample),
+                    int(location[1]) + round(sy0 * plan.level_downsample),
+                )
+                region = self.read_region(origin, plan.level, (sx1 - sx0, sy1 - sy0))
+                out[y : y + h, x : x + w] = resize_patch(region, (w, h))
+        return out
 
     def read_level(self, level: int) -> np.ndarray:
-        """The whole of ``level`` as RGB. Only for low-resolution levels: callers bound the size."""
-        return self.read_region((0, 0), level, self.level_dimensions[level])
+        """The whole of ``level`` as RGB (read block by block: memory is the output's size)."""
+        plan = ReadPlan(level=level, level_downsample=self.level_downsamples[level], scale=1.0)
+        return self.read_scaled((0, 0), plan, self.level_dimensions[level])
 
     def thumbnail(self, max_size: int = 1024) -> tuple[np.ndarray, float]:
-        """RGB thumbnail whose longer side is at most ``max_size`` px, and its downsample."""
+        """RGB thumbnail whose longer side is at most ``max_size`` px, and its downsample (level-0
+        px per thumbnail px).
+
+        Read from the deepest level finer than the thumbnail, block by block: on a single-level
+        (flat) slide that is level 0, and memory stays bounded whatever its size.
+        """
         width, height = self.dimensions
         downsample = max(width, height) / max_size
         if downsample <= 1:
@@ -205,7 +239,7 @@ class Slide:
 
     # -- lifecycle --------------------------------------------------------------------------------
     def close(self) -> None:
-        self._osr.close()
+        self._reader.close()
 
     def __enter__(self) -> Slide:
         return self
@@ -216,7 +250,10 @@ class Slide:
     def __repr__(self) -> str:
         w, h = self.dimensions
         mpp = self.mpp_or_none
-        return f"Slide({self.path.name!r}, {w}x{h}, levels={self.level_count}, mpp={mpp})"
+        return (
+            f"Slide({self.path.name!r}, {w}x{h}, levels={self.level_count}, mpp={mpp}, "
+            f"reader={self.reader_name!r})"
+        )
 
 
 def _to_float(value: str | None) -> float | None:
@@ -227,30 +264,3 @@ def _to_float(value: str | None) -> float | None:
     except ValueError:
         return None
     return number if math.isfinite(number) else None
-
-
-def _mpp_from_tiff_resolution(props) -> float | None:
-    """µm/px from ``tiff.XResolution`` / ``tiff.ResolutionUnit`` when they look physical."""
-    unit = (props.get("tiff.ResolutionUnit") or "").lower()
-    microns_per_unit = {"centimeter": 1e4, "inch": 25400.0}.get(unit)
-    resolutions = [
-        _to_float(props.get("tiff.XResolution")),
-        _to_float(props.get("tiff.YResolution")),
-    ]
-    resolutions = [r for r in resolutions if r is not None and r > 0]
-    if microns_per_unit is None or not resolutions:
-        return None
-    mpp = microns_per_unit / float(np.mean(resolutions))
-    low, high = PLAUSIBLE_MPP
-    return mpp if low <= mpp <= high else None
-
-
-def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
-    rgb = rgba[..., :3]
-    alpha = rgba[..., 3:4]
-    if alpha.min() == 255:
-        return np.ascontiguousarray(rgb)
-    # openslide-python returns un-premultiplied RGBA; blend onto white.
-    a = alpha.astype(np.float32) / 255.0
-    out = rgb.astype(np.float32) * a + 255.0 * (1.0 - a)
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -69,10 +71,28 @@ def parse_floats(text: str | None) -> list[float] | None:
         raise typer.BadParameter(f"{text!r} is not a comma-separated list of numbers") from e
 
 
+def summary_line(docstring: str | None, limit: int = 90) -> str:
+    """The first sentence of a docstring for the command list (``--help`` of one command keeps
+    the whole text); a longer sentence is cut at its first colon or semicolon outside brackets."""
+    paragraph = inspect.cleandoc(docstring or "").split("\n\n")[0]
+    sentence = re.split(r"(?<=\.)\s", " ".join(paragraph.split()), maxsplit=1)[0].rstrip(".")
+    if len(sentence) <= limit:
+        return sentence
+    depth = 0
+    for i, char in enumerate(sentence):
+        depth += {"(": 1, "[": 1, ")": -1, "]": -1}.get(char, 0)
+        if depth == 0 and char in ":;" and sentence[i + 1 : i + 2] == " ":
+            return sentence[:i]
+    return sentence
+
+
 def main() -> None:
     # Register the commands (each module adds itself to ``app``).
     from slidemil.cli import commands  # noqa: F401
 
+    for info in app.registered_commands:
+        if info.short_help is None and info.callback is not None:
+            info.short_help = summary_line(info.callback.__doc__)
     app(prog_name="slidemil")
 
 

@@ -20,14 +20,18 @@ def extract(
     ),
     encoder: str = typer.Option(None, "--encoder", "-e", help=H("encoder")),
     weights: str = typer.Option(None, help=H("weights")),
+    revision: str = typer.Option(None, help=H("revision")),
     device: str = typer.Option(None, help=H("device")),
     batch_size: int = typer.Option(None, help=H("batch_size")),
     workers: int = typer.Option(None, "--workers", "-j", help=H("workers")),
     prefetch: int = typer.Option(None, help=H("prefetch")),
     dtype: str = typer.Option(None, help=H("dtype")),
     precision: str = typer.Option(None, help=H("precision")),
+    reader: str = typer.Option(None, help=H("reader")),
+    decode: str = typer.Option(None, help=H("decode")),
     features_name: str = typer.Option(None, help=H("features_name")),
     shard: str = typer.Option(None, help=H("shard")),
+    strict: bool = typer.Option(None, "--strict/--no-strict", help=H("strict")),
     quiet: bool = typer.Option(None, "--quiet/--progress", help=H("quiet")),
     config: Path = typer.Option(None, "--config", help="YAML file; its 'extract' section."),
 ) -> None:
@@ -37,9 +41,10 @@ def extract(
     from slidemil.extraction import extract as run_extract
 
     options = dict(
-        encoder=encoder, weights=weights, device=device, batch_size=batch_size, workers=workers,
-        prefetch=prefetch, dtype=dtype, precision=precision, features_name=features_name,
-        shard=shard, quiet=quiet,
+        encoder=encoder, weights=weights, revision=revision, device=device,
+        batch_size=batch_size, workers=workers, prefetch=prefetch, dtype=dtype,
+        precision=precision, features_name=features_name, shard=shard, strict=strict, quiet=quiet,
+        reader=reader, decode=decode,
     )  # fmt: skip
     resolved = build(ExtractConfig, section="extract", config_file=config, overrides=options)
     summary = run_extract(work, resolved)

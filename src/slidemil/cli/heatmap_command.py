@@ -33,7 +33,9 @@ def heatmap(
     cohort: Path = typer.Option(None, help=H("cohort")),
     shard: str = typer.Option(None, help=H("shard")),
     workers: int = typer.Option(None, "--workers", "-j", help=H("workers")),
+    strict: bool = typer.Option(None, "--strict/--no-strict", help=H("strict")),
     quiet: bool = typer.Option(None, "--quiet/--progress", help=H("quiet")),
+    reader: str = typer.Option(None, help=H("reader")),
     config: Path = typer.Option(None, "--config", help="YAML file; its 'heatmap' section."),
 ) -> None:
     """Draw each predicted slide's attention at its patches' true footprints: an overlay with a
@@ -45,7 +47,7 @@ def heatmap(
     options = dict(
         normalisation=normalisation, model=model, cmap=cmap, alpha=alpha, smooth=smooth,
         thumbnail_size=thumbnail_size, top_k=top_k, geojson=geojson, tiff=tiff, cohort=cohort,
-        shard=shard, workers=workers, quiet=quiet,
+        shard=shard, workers=workers, strict=strict, quiet=quiet, reader=reader,
     )  # fmt: skip
     summary = run_heatmap(predictions, out, config_file=config, **options)
     target = out if out is not None else predictions / "heatmaps"

@@ -38,7 +38,9 @@ def patch(
     ),
     shard: str = typer.Option(None, help=H("shard")),
     overwrite: bool = typer.Option(None, "--overwrite", help=H("overwrite")),
+    strict: bool = typer.Option(None, "--strict/--no-strict", help=H("strict")),
     quiet: bool = typer.Option(None, "--quiet/--progress", help=H("quiet")),
+    reader: str = typer.Option(None, help=H("reader")),
     config: Path = typer.Option(None, "--config", help="YAML file; its 'patch' section."),
 ) -> None:
     """Segment tissue and write patch coordinates (patches/<slide_id>.h5) and previews for
@@ -51,7 +53,7 @@ def patch(
         sthresh_up=sthresh_up, mthresh=mthresh, close=close, use_otsu=use_otsu,
         min_tissue_area_um2=min_tissue_area_um2, min_hole_area_um2=min_hole_area_um2,
         max_n_holes=max_n_holes, previews=previews, workers=workers, shard=shard,
-        overwrite=overwrite, quiet=quiet,
+        overwrite=overwrite, strict=strict, quiet=quiet, reader=reader,
     )  # fmt: skip
     summary = run_patch(cohort_csv, out, config_file=config, **options)
     typer.echo(summary.line())

@@ -15,29 +15,41 @@ H = PredictConfig.field_help
 @app.command()
 @friendly_errors
 def predict(
-    run_dir: Path = typer.Argument(..., help="Run folder written by `slidemil train --out`."),
+    run_dir: Path = typer.Argument(
+        ..., help="Run folder written by `slidemil train --out`, or a `slidemil export` folder."
+    ),
     slides_csv: Path = typer.Argument(
         ..., help="Cohort CSV of the slides: slide_id, path (+ label, patient_id, slide_mpp)."
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (e.g. preds/)."),
     model: str = typer.Option(None, "--model", "-m", help=H("model")),
     features: Path = typer.Option(None, "--features", help=H("features")),
+    patches: Path = typer.Option(None, "--patches", help=H("patches")),
+    patch_size_level0: float = typer.Option(
+        None, "--patch-size-level0", help=H("patch_size_level0")
+    ),
     step: int = typer.Option(None, "--step", help=H("step")),
     device: str = typer.Option(None, help=H("device")),
     batch_size: int = typer.Option(None, help=H("batch_size")),
     workers: int = typer.Option(None, "--workers", "-j", help=H("workers")),
     shard: str = typer.Option(None, help=H("shard")),
+    calibrate: str = typer.Option(None, "--calibrate", help=H("calibrate") + " (none|temperature)"),
+    strict: bool = typer.Option(None, "--strict/--no-strict", help=H("strict")),
     quiet: bool = typer.Option(None, "--quiet/--progress", help=H("quiet")),
+    reader: str = typer.Option(None, help=H("reader")),
     config: Path = typer.Option(None, "--config", help="YAML file; its 'predict' section."),
 ) -> None:
     """Predict new slides with a trained run: patch and encode them with the options the run
-    recorded (or read --features), then write predictions.csv (class probabilities, predicted
-    class), attention/<slide_id>.h5 and failures.csv under OUT. Rerun to resume."""
+    recorded (or read --features: slidemil, CLAM or TRIDENT bags; --patches or
+    --patch-size-level0 place CLAM's for heat maps), then write predictions.csv (class
+    probabilities, predicted class), attention/<slide_id>.h5 and failures.csv under OUT. Rerun
+    to resume."""
     from slidemil.prediction import predict as run_predict
 
     options = dict(
-        model=model, features=features, step=step, device=device, batch_size=batch_size,
-        workers=workers, shard=shard, quiet=quiet,
+        model=model, features=features, patches=patches, patch_size_level0=patch_size_level0,
+        step=step, device=device, batch_size=batch_size, workers=workers, shard=shard,
+        strict=strict, quiet=quiet, calibrate=calibrate, reader=reader,
     )  # fmt: skip
     summary = run_predict(run_dir, slides_csv, out, config_file=config, **options)
     typer.echo(summary.line())

@@ -39,9 +39,12 @@ def train(
     class_weights: bool = typer.Option(
         None, "--class-weights/--no-class-weights", help=H("class_weights")
     ),
+    sampler: str = typer.Option(None, help=H("sampler")),
     standardize: bool = typer.Option(None, "--standardize/--no-standardize", help=H("standardize")),
     monitor: str = typer.Option(None, help=H("monitor")),
     patience: int = typer.Option(None, help=H("patience")),
+    min_epochs: int = typer.Option(None, help=H("min_epochs")),
+    smoothing: int = typer.Option(None, help=H("smoothing")),
     seed: int = typer.Option(None, help=H("seed")),
     device: str = typer.Option(None, help=H("device")),
     amp: bool = typer.Option(None, "--amp/--no-amp", help=H("amp")),
@@ -66,8 +69,9 @@ def train(
         split_fractions=None if fractions is None else tuple(fractions),
         val_fraction=val_fraction, epochs=epochs, batch_size=batch_size, max_patches=max_patches,
         lr=lr, weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs,
-        grad_clip=grad_clip, class_weights=class_weights, standardize=standardize,
-        monitor=monitor, patience=patience, seed=seed, device=device, amp=amp, cache=cache,
+        grad_clip=grad_clip, class_weights=class_weights, sampler=sampler,
+        standardize=standardize, monitor=monitor, patience=patience, min_epochs=min_epochs,
+        smoothing=smoothing, seed=seed, device=device, amp=amp, cache=cache,
         cache_limit_gb=cache_limit_gb, workers=workers, epoch_budget=epoch_budget, quiet=quiet,
     )  # fmt: skip
     resolved = build(TrainConfig, section="train", config_file=config, overrides=options)

@@ -32,11 +32,15 @@ HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
 HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
 
 
-def _timm(name: str, what: str, pretrained: bool, hub_id: str, **kwargs: Any) -> Any:
-    """``timm.create_model(hub_id, pretrained=True, **kwargs)`` or the local architecture."""
+def _timm(
+    name: str, what: str, pretrained: bool, hub_id: str, revision: str | None, **kwargs: Any
+) -> Any:
+    """``timm.create_model(hub_id[@revision], pretrained=True, **kwargs)`` or the local
+    architecture."""
     timm = require("timm", HUB, what)
     if pretrained:
-        return timm.create_model(hub_id, pretrained=True, **kwargs)
+        source = f"{hub_id}@{revision}" if revision else hub_id  # timm's hub-id revision syntax
+        return timm.create_model(source, pretrained=True, **kwargs)
     return timm.create_model(name, pretrained=False, **kwargs)
 
 
@@ -60,10 +64,10 @@ def _swiglu_kwargs() -> dict[str, Any]:
     expensive=True,
     tags=("vit", "pathology"),
 )
-def uni(pretrained: bool = False) -> Any:
+def uni(pretrained: bool = False, revision: str | None = None) -> Any:
     """UNI (Mahmood lab): ViT-L/16 DINOv2 on 100k slides, class token (1024-d)."""
     return _timm(
-        "vit_large_patch16_224", "UNI", pretrained, "hf-hub:MahmoodLab/UNI",
+        "vit_large_patch16_224", "UNI", pretrained, "hf-hub:MahmoodLab/UNI", revision,
         img_size=224, patch_size=16, init_values=1e-5, num_classes=0, dynamic_img_size=True,
     )  # fmt: skip
 
@@ -81,10 +85,10 @@ def uni(pretrained: bool = False) -> Any:
     expensive=True,
     tags=("vit", "pathology"),
 )
-def uni2_h(pretrained: bool = False) -> Any:
+def uni2_h(pretrained: bool = False, revision: str | None = None) -> Any:
     """UNI2-h (Mahmood lab): ViT-H/14 with 8 registers and SwiGLU, class token (1536-d)."""
     return _timm(
-        "vit_giant_patch14_224", "UNI2-h", pretrained, "hf-hub:MahmoodLab/UNI2-h",
+        "vit_giant_patch14_224", "UNI2-h", pretrained, "hf-hub:MahmoodLab/UNI2-h", revision,
         img_size=224, patch_size=14, depth=24, num_heads=24, init_values=1e-5, embed_dim=1536,
         mlp_ratio=2.66667 * 2, num_classes=0, no_embed_class=True, reg_tokens=8,
         dynamic_img_size=True, **_swiglu_kwargs(),
@@ -125,12 +129,12 @@ def _class_and_mean_patch_tokens(model: Any, skip_tokens: int) -> Any:
     expensive=True,
     tags=("vit", "pathology"),
 )
-def virchow2(pretrained: bool = False) -> Any:
+def virchow2(pretrained: bool = False, revision: str | None = None) -> Any:
     """Virchow2 (Paige): ViT-H/14, 4 registers; class token + mean patch token (2560-d)."""
     # config.json: vit_huge_patch14_224, mlp_ratio 5.3375, reg_tokens 4, position embeddings
     # over the class and register tokens too (no ``no_embed_class``), tokens out (global_pool "").
     vit = _timm(
-        "vit_huge_patch14_224", "Virchow2", pretrained, "hf-hub:paige-ai/Virchow2",
+        "vit_huge_patch14_224", "Virchow2", pretrained, "hf-hub:paige-ai/Virchow2", revision,
         img_size=224, init_values=1e-5, num_classes=0, mlp_ratio=5.3375, reg_tokens=4,
         global_pool="", dynamic_img_size=True, **_swiglu_kwargs(),
     )  # fmt: skip
@@ -151,11 +155,12 @@ def virchow2(pretrained: bool = False) -> Any:
     expensive=True,
     tags=("vit", "pathology"),
 )
-def h_optimus_0(pretrained: bool = False) -> Any:
+def h_optimus_0(pretrained: bool = False, revision: str | None = None) -> Any:
     """H-optimus-0 (Bioptimus): ViT-g/14 with 4 registers, class token (1536-d)."""
     # config.json: vit_giant_patch14_reg4_dinov2 (SwiGLU, registers, no_embed_class), 224 px.
     return _timm(
-        "vit_giant_patch14_reg4_dinov2", "H-optimus-0", pretrained, "hf-hub:bioptimus/H-optimus-0",
+        "vit_giant_patch14_reg4_dinov2", "H-optimus-0", pretrained,
+        "hf-hub:bioptimus/H-optimus-0", revision,
         img_size=224, init_values=1e-5, num_classes=0, global_pool="token",
         dynamic_img_size=False,
     )  # fmt: skip
@@ -175,26 +180,29 @@ def h_optimus_0(pretrained: bool = False) -> Any:
     expensive=True,
     tags=("vit", "pathology"),
 )
-def prov_gigapath(pretrained: bool = False) -> Any:
+def prov_gigapath(pretrained: bool = False, revision: str | None = None) -> Any:
     """Prov-GigaPath tile encoder: ViT-g DINOv2 with 16 px patches, class token (1536-d)."""
     # config.json overrides the timm entry's 14 px patches with 16 (14 x 14 tokens at 224 px).
     return _timm(
         "vit_giant_patch14_dinov2", "Prov-GigaPath", pretrained,
-        "hf-hub:prov-gigapath/prov-gigapath",
+        "hf-hub:prov-gigapath/prov-gigapath", revision,
         img_size=224, in_chans=3, patch_size=16, embed_dim=1536, depth=40, num_heads=24,
         init_values=1e-5, mlp_ratio=5.33334, num_classes=0, global_pool="token",
     )  # fmt: skip
 
 
-def _hf_class_token(what: str, pretrained: bool, hf_id: str, build: Any) -> Any:
+def _hf_class_token(
+    what: str, pretrained: bool, hf_id: str, build: Any, revision: str | None = None
+) -> Any:
     """A Hugging Face ``transformers`` ViT returning its class token (``last_hidden_state[:, 0]``).
 
-    ``build(transformers, pretrained)`` makes the backbone: ``from_pretrained`` or from a config.
+    ``build(transformers, pretrained, revision)`` makes the backbone: ``from_pretrained`` (at
+    ``revision``) or from a config.
     """
     import torch
 
     transformers = require("transformers", "transformers", what)
-    backbone = build(transformers, pretrained)
+    backbone = build(transformers, pretrained, revision)
 
     class ClassToken(torch.nn.Module):
         def __init__(self) -> None:
@@ -211,10 +219,12 @@ def _hf_class_token(what: str, pretrained: bool, hf_id: str, build: Any) -> Any:
     return ClassToken()
 
 
-def _phikon_backbone(transformers: Any, pretrained: bool) -> Any:
+def _phikon_backbone(transformers: Any, pretrained: bool, revision: str | None) -> Any:
     # The model card loads ViTModel without its pooler; only the class token is used.
     if pretrained:
-        return transformers.ViTModel.from_pretrained("owkin/phikon", add_pooling_layer=False)
+        return transformers.ViTModel.from_pretrained(
+            "owkin/phikon", add_pooling_layer=False, revision=revision
+        )
     config = transformers.ViTConfig(
         hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
         image_size=224, patch_size=16, qkv_bias=True,
@@ -222,9 +232,9 @@ def _phikon_backbone(transformers: Any, pretrained: bool) -> Any:
     return transformers.ViTModel(config, add_pooling_layer=False)
 
 
-def _phikon_v2_backbone(transformers: Any, pretrained: bool) -> Any:
+def _phikon_v2_backbone(transformers: Any, pretrained: bool, revision: str | None) -> Any:
     if pretrained:
-        return transformers.AutoModel.from_pretrained("owkin/phikon-v2")
+        return transformers.AutoModel.from_pretrained("owkin/phikon-v2", revision=revision)
     config = transformers.Dinov2Config(
         hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, mlp_ratio=4,
         patch_size=16, image_size=224, layerscale_value=1e-5, layer_norm_eps=1e-6,
@@ -244,9 +254,9 @@ def _phikon_v2_backbone(transformers: Any, pretrained: bool) -> Any:
     autocast_dtype=None,
     tags=("vit", "pathology"),
 )
-def phikon(pretrained: bool = False) -> Any:
+def phikon(pretrained: bool = False, revision: str | None = None) -> Any:
     """Phikon (Owkin): ViT-B/16 iBOT on TCGA, class token (768-d); needs ``transformers``."""
-    return _hf_class_token("Phikon", pretrained, "owkin/phikon", _phikon_backbone)
+    return _hf_class_token("Phikon", pretrained, "owkin/phikon", _phikon_backbone, revision)
 
 
 @register_encoder(
@@ -262,9 +272,11 @@ def phikon(pretrained: bool = False) -> Any:
     expensive=True,
     tags=("vit", "pathology"),
 )
-def phikon_v2(pretrained: bool = False) -> Any:
+def phikon_v2(pretrained: bool = False, revision: str | None = None) -> Any:
     """Phikon-v2 (Owkin): ViT-L/16 DINOv2, class token (1024-d); needs ``transformers``."""
-    return _hf_class_token("Phikon-v2", pretrained, "owkin/phikon-v2", _phikon_v2_backbone)
+    return _hf_class_token(
+        "Phikon-v2", pretrained, "owkin/phikon-v2", _phikon_v2_backbone, revision
+    )
 
 
 # CONCH's checkpoint is the whole CoCa model; the image embedding needs only these parts.

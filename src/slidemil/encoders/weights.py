@@ -52,7 +52,13 @@ def require(module: str, extra: str | None, what: str) -> Any:
         raise MissingExtraError(None, f"{what} needs the package {module!r}", fix) from e
 
 
-def get_encoder(name: str, weights: str | Path | None = None, *, progress: bool = False) -> Encoder:
+def get_encoder(
+    name: str,
+    weights: str | Path | None = None,
+    *,
+    revision: str | None = None,
+    progress: bool = False,
+) -> Encoder:
     """Build encoder ``name`` in eval mode with its weights.
 
     Args:
@@ -60,19 +66,30 @@ def get_encoder(name: str, weights: str | Path | None = None, *, progress: bool 
         weights: ``None`` for the entry's pretrained weights, ``"random"`` for seeded random
             weights (an explicit choice, for tests and benchmarks), or a checkpoint file
             (``.pth``/``.pt``/``.bin``/``.safetensors``) holding a state dict of this architecture.
+        revision: for Hugging Face weights, the branch, tag or commit to load (default: the
+            repository's ``main``). Whatever is asked, the weights identity records the commit
+            hash it resolved to (``hf-hub:MahmoodLab/UNI@<40 hex>``), so features made from
+            another commit are never mixed with these.
         progress: show download progress bars.
     """
     spec = get_encoder_spec(name)
+    if revision is not None and (weights is not None or spec.hf_id is None):
+        source = f"--weights {weights}" if weights is not None else f"{spec.name!r}"
+        raise WeightsError(
+            None,
+            f"--revision {revision} applies to Hugging Face weights only, not to {source}",
+            "drop --revision",
+        )
     if weights is not None and str(weights) == RANDOM:
         model, identity = _random(spec), f"{RANDOM}:seed={RANDOM_SEED}"
     elif weights is not None:
         model, identity = _from_file(spec, Path(weights).expanduser())
     else:
-        local = local_checkpoint(spec.name)
+        local = local_checkpoint(spec.name) if revision is None else None
         if local is not None:
             model, identity = _from_file(spec, local)
         else:
-            model, identity = _pretrained(spec, progress)
+            model, identity = _pretrained(spec, progress, revision)
     return Encoder(model.eval().requires_grad_(False), spec, identity)
 
 
@@ -204,16 +221,19 @@ def _offline_fix(spec: EncoderSpec) -> str:
     )
 
 
-def _pretrained(spec: EncoderSpec, progress: bool) -> tuple[Any, str]:
+def _pretrained(spec: EncoderSpec, progress: bool, revision: str | None) -> tuple[Any, str]:
     kind = spec.weights.kind
     if kind == "torchvision":
         return _torchvision(spec, progress), f"torchvision:{spec.weights.ref}"
     if kind == "hf-file":
-        return _hub_file(spec), f"hf-file:{spec.weights.ref}"
+        model, commit = _hub_file(spec, revision)
+        return model, f"hf-file:{spec.weights.ref}@{commit}"
     if kind in ("timm-hub", "hf-transformers"):
-        _check_hub_access(spec)
+        _check_hub_access(spec, revision)
+        # Resolve the revision to its commit first and load exactly that commit.
+        _, commit = hub_download(spec, "config.json", revision)
         try:
-            model = spec.builder(pretrained=True)
+            model = spec.builder(pretrained=True, revision=commit)
         except (MissingExtraError, WeightsError):
             raise
         except Exception as e:
@@ -222,26 +242,44 @@ def _pretrained(spec: EncoderSpec, progress: bool) -> tuple[Any, str]:
                 f"cannot load weights of {spec.name!r}: {type(e).__name__}: {e}"[:400],
                 _hub_fix(spec),
             ) from e
-        return model, spec.weights.ref
+        return model, f"{spec.weights.ref}@{commit}"
     raise WeightsError(None, f"encoder {spec.name!r} has unknown weights source {kind!r}")
 
 
-def _hub_file(spec: EncoderSpec) -> Any:
-    """Download (or find in the HF cache) one checkpoint file and load it into the architecture."""
-    _check_hub_access(spec)
+def hub_download(spec: EncoderSpec, filename: str, revision: str | None) -> tuple[Path, str]:
+    """``filename`` of the entry's Hugging Face repository at ``revision`` (branch, tag or
+    commit; ``None``: ``main``), downloaded or, offline, from the cache; returns the local file
+    and the commit hash the revision resolved to."""
     hub = require("huggingface_hub", spec.extra or "hub", f"encoder {spec.name!r}")
-    repo, _, filename = spec.weights.ref.rpartition("/")
+    repo = spec.hf_id or spec.weights.ref.rpartition("/")[0]
     try:
-        path = Path(hub.hf_hub_download(repo, filename))
+        path = Path(hub.hf_hub_download(repo, filename, revision=revision))
     except Exception as e:
+        at = f" at revision {revision}" if revision else ""
         raise WeightsError(
             repo,
-            f"cannot get {filename} of {spec.name!r}: {type(e).__name__}: {e}"[:400],
+            f"cannot get {filename}{at} of {spec.name!r}: {type(e).__name__}: {e}"[:400],
             _hub_fix(spec),
         ) from e
+    return path, _snapshot_commit(path, revision)
+
+
+def _snapshot_commit(path: Path, revision: str | None) -> str:
+    """The commit of a file in the hub cache: the folder below ``snapshots/`` holding it."""
+    for folder in path.parents:
+        if folder.parent.name == "snapshots":
+            return folder.name
+    return revision or "main"  # not a cache layout (a local folder): the revision as asked
+
+
+def _hub_file(spec: EncoderSpec, revision: str | None) -> tuple[Any, str]:
+    """One checkpoint file of a hub repository (downloaded, or from the HF cache) loaded into the
+    locally built architecture; returns the model and the commit it came from."""
+    _check_hub_access(spec, revision)
+    path, commit = hub_download(spec, spec.weights.ref.rpartition("/")[2], revision)
     model = _random(spec)
     load_state_into(model, read_state_dict(path), spec, path)
-    return model
+    return model, commit
 
 
 def _torchvision(spec: EncoderSpec, progress: bool) -> Any:
@@ -283,7 +321,7 @@ def _hub_fix(spec: EncoderSpec) -> str:
     return f"{gate}on offline nodes fill the HF cache first (HF_HOME) or " + _offline_fix(spec)
 
 
-def _check_hub_access(spec: EncoderSpec) -> None:
+def _check_hub_access(spec: EncoderSpec, revision: str | None = None) -> None:
     """Fail early, in one line, when the hub cannot possibly serve the weights."""
     if spec.hf_id is None:
         return
@@ -292,7 +330,7 @@ def _check_hub_access(spec: EncoderSpec) -> None:
         probe = "config.json"
         if spec.weights.kind == "hf-file":
             probe = spec.weights.ref.rpartition("/")[2]
-        cached = hub.try_to_load_from_cache(spec.hf_id, probe)
+        cached = hub.try_to_load_from_cache(spec.hf_id, probe, revision=revision)
         if not isinstance(cached, str):
             raise WeightsError(
                 spec.hf_id,

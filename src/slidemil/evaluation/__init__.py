@@ -1,4 +1,6 @@
-"""Evaluation of a training run: metrics per fold and mean ± std, report files and plots.
+"""Evaluation of a training run: metrics per fold, pooled and mean ± std with bootstrap
+confidence intervals, calibration (ECE, Brier, temperature scaling), patient-level results,
+external cohorts, report files and plots.
 
 ``compute_metrics`` (in :mod:`slidemil.evaluation.metrics`) is the one place metrics are
 computed, by reports and by training alike. Names load on first use so that importing the
@@ -15,8 +17,19 @@ _API = {
     "ClassificationMetrics": "slidemil.evaluation.metrics",
     "compute_metrics": "slidemil.evaluation.metrics",
     "roc_curves": "slidemil.evaluation.metrics",
+    "precision_recall_curves": "slidemil.evaluation.metrics",
+    "ConfidenceIntervals": "slidemil.evaluation.bootstrap",
+    "bootstrap_intervals": "slidemil.evaluation.bootstrap",
+    "apply_temperature": "slidemil.evaluation.calibration",
+    "brier_score": "slidemil.evaluation.calibration",
+    "expected_calibration_error": "slidemil.evaluation.calibration",
+    "fit_temperature": "slidemil.evaluation.calibration",
+    "reliability_curve": "slidemil.evaluation.calibration",
+    "load_temperature": "slidemil.evaluation.calibration_file",
+    "choose_threshold": "slidemil.evaluation.operating_point",
     "EvaluateConfig": "slidemil.evaluation.config",
     "EvaluationReport": "slidemil.evaluation.report",
+    "PartResult": "slidemil.evaluation.report",
     "evaluate": "slidemil.evaluation.report",
 }
 

@@ -1,4 +1,5 @@
-"""Report figures as PNG: confusion matrices, ROC curves, training curves.
+"""Report figures as PNG: confusion matrices, ROC and precision-recall curves, reliability
+diagrams, training curves.
 
 Figures are built on ``matplotlib.figure.Figure`` with the Agg canvas directly, never through
 ``pyplot``, so no global backend, figure registry or style is touched and nothing leaks between
@@ -16,6 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from slidemil import atomic
+from slidemil.evaluation.calibration import ReliabilityCurve
 from slidemil.evaluation.metrics import normalise_rows
 
 DPI = 120
@@ -54,24 +56,84 @@ def plot_confusion(
 
 
 def plot_roc(
-    path: str | Path, curves: Mapping[str, tuple[np.ndarray, np.ndarray, float]], title: str = ""
+    path: str | Path,
+    curves: Mapping[str, tuple[np.ndarray, np.ndarray, float]],
+    title: str = "",
+    reference: Mapping[str, tuple[np.ndarray, np.ndarray, float]] | None = None,
+    reference_label: str = "internal",
 ) -> None:
-    """One-vs-rest ROC curves, one line per class with its AUC in the legend."""
+    """One-vs-rest ROC curves, one line per class with its AUC in the legend; ``reference``
+    curves (e.g. the internal cross-validation's, next to an external cohort's) are dashed."""
     fig = _figure((6.5, 6.0))
     ax = fig.add_subplot(1, 1, 1)
-    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="chance")
-    for name, (fpr, tpr, auc) in curves.items():
-        ax.plot(fpr, tpr, linewidth=1.8, label=f"{name} (AUC {auc:.3f})")
+    ax.plot([0, 1], [0, 1], linestyle=":", color="grey", linewidth=1, label="chance")
+    for i, (name, (fpr, tpr, auc)) in enumerate(curves.items()):
+        ax.plot(fpr, tpr, color=f"C{i % 10}", linewidth=1.8, label=f"{name} (AUC {auc:.3f})")
+        if reference and name in reference:
+            r_fpr, r_tpr, r_auc = reference[name]
+            ax.plot(r_fpr, r_tpr, color=f"C{i % 10}", linewidth=1.2, linestyle="--",
+                    label=f"{name}, {reference_label} (AUC {r_auc:.3f})")  # fmt: skip
     if not curves:
         ax.text(0.5, 0.5, "no class has both positive and negative examples", ha="center")
     ax.set_xlim(-0.01, 1.01)
     ax.set_ylim(-0.01, 1.01)
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate")
+    ax.set_xlabel("false positive rate (1 - specificity)")
+    ax.set_ylabel("true positive rate (sensitivity)")
     ax.set_aspect("equal")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title(title or "ROC, one vs rest")
+    _save(fig, path)
+
+
+def plot_precision_recall(
+    path: str | Path,
+    curves: Mapping[str, tuple[np.ndarray, np.ndarray, float, float]],
+    title: str = "",
+) -> None:
+    """One-vs-rest precision-recall curves with their average precision (area under the
+    curve); a dotted line per class at its prevalence, the precision of a no-skill model."""
+    fig = _figure((6.5, 6.0))
+    ax = fig.add_subplot(1, 1, 1)
+    for i, (name, (recall, precision, ap, prevalence)) in enumerate(curves.items()):
+        colour = f"C{i % 10}"
+        ax.step(recall, precision, where="post", color=colour, linewidth=1.8,
+                label=f"{name} (AP {ap:.3f})")  # fmt: skip
+        ax.axhline(prevalence, color=colour, linestyle=":", linewidth=1)
+    if not curves:
+        ax.text(0.5, 0.5, "no class has both positive and negative examples", ha="center")
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_xlabel("recall (sensitivity)")
+    ax.set_ylabel("precision (positive predictive value)")
+    ax.set_aspect("equal")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    ax.set_title(title or "precision-recall, one vs rest (dotted: prevalence)")
+    _save(fig, path)
+
+
+def plot_reliability(
+    path: str | Path, curves: Mapping[str, ReliabilityCurve], title: str, xlabel: str
+) -> None:
+    """Reliability diagram: observed frequency against mean predicted probability per
+    equal-mass bin, one line per curve (e.g. before and after temperature scaling) with its
+    ECE, and the diagonal of perfect calibration. Bins hold equal numbers of predictions, so
+    the markers' spread along the x axis shows where the probabilities fall."""
+    fig = _figure((6.0, 6.0))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="perfect calibration")
+    for i, (name, curve) in enumerate(curves.items()):
+        ax.plot(curve.predicted, curve.observed, marker="o", color=f"C{i % 10}", linewidth=1.6,
+                label=f"{name} (ECE {curve.ece:.3f}, {len(curve.count)} bins)")  # fmt: skip
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_aspect("equal")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("observed frequency")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title(title, fontsize=10)
     _save(fig, path)
 
 

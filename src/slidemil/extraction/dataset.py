@@ -1,10 +1,14 @@
 """Streaming patch reading: one dataset over the patches of many slides, batched per slide.
 
 Item ``j`` of :class:`PatchBatches` is one whole batch: ``batch_size`` patches of one slide
-(batches never cross slides). DataLoader workers each open their own :class:`~slidemil.slide.Slide`
-handles lazily, read and resize the patches and return uint8 tensors in NHWC order (no transpose
-copy on the CPU: on the device the batch is viewed as channels-last NCHW); the main process only
-moves them to the device and runs the encoder, so reading hides behind compute. A read failure
+(batches never cross slides). DataLoader workers each open their own slide readers lazily
+(:func:`~slidemil.readers.pick_reader`, ``reader`` chosen by the caller), read a batch's patches in
+one batched read, resize them and return uint8 tensors in NHWC order (no transpose copy on the
+CPU: on the device the batch is viewed as channels-last NCHW); the main process only moves them to
+the device and runs the encoder, so reading hides behind compute. With ``device_decode`` a worker
+reading JPEG tiles with the tile reader returns the raw tiles instead (``jpeg``: a
+:class:`~slidemil.readers.device_decode.JpegPatchBatch`), for the main process to decode on the
+GPU (:func:`device_images`), so the CPU cores only do file I/O. A read failure
 does not kill the loader: it comes back as a batch carrying the error, and the slide is recorded
 as failed.
 """
@@ -16,12 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
 from slidemil.errors import SlidemilError, SlideReadError
 from slidemil.formats.patch_file import PatchSet
-from slidemil.slide import Slide
+from slidemil.readers.choice import ReaderName, pick_reader
+from slidemil.readers.device_decode import can_fetch_jpeg, fetch_jpeg_patches
+from slidemil.readers.patches import read_patches
+from slidemil.readers.protocol import SlideReader
 
 OPEN_HANDLES_PER_WORKER = 2  # the slide being read and the next one
 
@@ -65,16 +71,30 @@ class PatchBatches:
     """Map-style dataset: item ``j`` is the ``j``-th batch as a dict.
 
     Keys: ``slide_index`` (int), ``start``/``stop`` (patch rows), ``last`` (bool), ``images``
-    (uint8 tensor (B, patch_size, patch_size, 3), NHWC) and ``error`` (a
+    (uint8 tensor (B, patch_size, patch_size, 3), NHWC), ``jpeg`` (the raw tiles of the batch
+    instead of ``images``, only with ``device_decode``; else ``None``), ``reader`` (the reader
+    used, ``"openslide"`` or ``"tiles"``) and ``error`` (a
     :class:`~slidemil.errors.SlidemilError`, or ``None``).
+
+    Args:
+        reader: ``auto``, ``openslide`` or ``tiles`` (see :func:`~slidemil.readers.pick_reader`).
+        device_decode: hand JPEG tiles read by the tile reader to the main process undecoded.
     """
 
-    def __init__(self, slides: list[SlidePatches], batch_size: int):
+    def __init__(
+        self,
+        slides: list[SlidePatches],
+        batch_size: int,
+        reader: ReaderName = "auto",
+        device_decode: bool = False,
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.slides = slides
         self.refs = plan_batches(slides, batch_size)
-        self._handles: OrderedDict[str, Slide] = OrderedDict()
+        self.reader = reader
+        self.device_decode = device_decode
+        self._handles: OrderedDict[str, SlideReader] = OrderedDict()
         self._broken: dict[str, SlidemilError] = {}
 
     def __len__(self) -> int:
@@ -93,7 +113,7 @@ class PatchBatches:
         slide = self.slides[ref.slide_index]
         item: dict[str, Any] = {
             "slide_index": ref.slide_index, "start": ref.start, "stop": ref.stop,
-            "last": ref.last, "error": None,
+            "last": ref.last, "error": None, "jpeg": None, "reader": None,
         }  # fmt: skip
         size = slide.patches.patch_size if slide.patches is not None else 1
         empty = torch.zeros((0, size, size, 3), dtype=torch.uint8)
@@ -105,7 +125,7 @@ class PatchBatches:
             item["images"], item["error"] = empty, broken
             return item
         try:
-            images = self._read(slide, ref.start, ref.stop)
+            images, item["reader"] = self._read(slide, ref.start, ref.stop)
         except SlidemilError as e:
             item["images"], item["error"] = empty, e
             if not isinstance(e, SlideReadError):  # unopenable slide: every batch would fail
@@ -115,32 +135,51 @@ class PatchBatches:
             error = SlideReadError(slide.slide_path, f"reading patches: {type(e).__name__}: {e}")
             item["images"], item["error"] = empty, error
             return item
-        item["images"] = torch.from_numpy(images)
+        if isinstance(images, np.ndarray):
+            item["images"] = torch.from_numpy(images)
+        else:
+            item["images"], item["jpeg"] = empty, images
         return item
 
-    def _read(self, slide: SlidePatches, start: int, stop: int) -> np.ndarray:
+    def _read(self, slide: SlidePatches, start: int, stop: int) -> tuple[Any, str]:
+        """The batch's patches (RGB NHWC, or their raw JPEG tiles) and the reader's name."""
         patches = slide.patches
         handle = self._handle(slide)
-        size, read = patches.patch_size, patches.read_size
-        out = np.empty((stop - start, size, size, 3), dtype=np.uint8)
-        for row, (x, y) in enumerate(patches.coords[start:stop]):
-            region = handle.read_region((int(x), int(y)), patches.read_level, (read, read))
-            if read != size:
-                interp = cv2.INTER_AREA if read > size else cv2.INTER_LINEAR
-                region = cv2.resize(region, (size, size), interpolation=interp)
-            out[row] = region
-        return out
+        coords = patches.coords[start:stop]
+        level, read = patches.read_level, patches.read_size
+        if self.device_decode and can_fetch_jpeg(handle, level):
+            return fetch_jpeg_patches(handle, coords.tolist(), level, (read, read)), handle.name
+        return read_patches(handle, coords, level, read, patches.patch_size), handle.name
 
-    def _handle(self, slide: SlidePatches) -> Slide:
+    def _handle(self, slide: SlidePatches) -> SlideReader:
         handle = self._handles.get(slide.slide_path)
         if handle is None:
-            handle = Slide(Path(slide.slide_path), mpp_override=slide.slide_mpp)
+            handle = pick_reader(Path(slide.slide_path), self.reader)
             self._handles[slide.slide_path] = handle
             while len(self._handles) > OPEN_HANDLES_PER_WORKER:
                 self._handles.popitem(last=False)[1].close()
         else:
             self._handles.move_to_end(slide.slide_path)
         return handle
+
+
+def device_images(batch: dict[str, Any], patch_size: int, device: Any) -> Any:
+    """The batch's uint8 NHWC images on ``device``: its ``jpeg`` tiles decoded and resized to
+    ``patch_size`` px there, or its ``images`` moved there."""
+    if batch.get("jpeg") is None:
+        return batch["images"].to(device, non_blocking=True)
+    from slidemil.readers.device_decode import decode_jpeg_patches, resize_patches
+
+    try:
+        return resize_patches(decode_jpeg_patches(batch["jpeg"], device), patch_size)
+    except (ValueError, RuntimeError) as e:  # a tile that no decoder takes (corrupt)
+        raise SlideReadError(None, f"decoding JPEG tiles: {e}") from e
+
+
+def batch_size_of(batch: dict[str, Any]) -> int:
+    """Patches in a batch (its decoded images or its raw JPEG tiles)."""
+    jpeg = batch.get("jpeg")
+    return len(jpeg) if jpeg is not None else int(batch["images"].shape[0])
 
 
 def make_loader(dataset: Any, *, workers: int, pin_memory: bool, prefetch: int) -> Any:

@@ -38,15 +38,3 @@ def rank_shard(shard: Shard, ranks: RankInfo) -> Shard:
     tasks and ranks covers every slide exactly once.
     """
     return Shard(shard.index + shard.count * ranks.rank, shard.count * ranks.world_size)
-
-
-def resolve_device(device: str, ranks: RankInfo) -> str:
-    """``auto`` -> ``cuda:LOCAL_RANK`` when CUDA is available else ``cpu``; ``cuda`` -> this
-    rank's GPU; explicit ``cuda:N`` and ``cpu`` stay as given."""
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        return f"cuda:{ranks.local_rank}"
-    return device

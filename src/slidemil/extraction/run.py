@@ -14,7 +14,6 @@ memory nor a second host copy.
 
 from __future__ import annotations
 
-import glob
 import logging
 import time
 from collections import deque
@@ -22,30 +21,48 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import h5py
 from tqdm.auto import tqdm
 
-from slidemil.atomic import TEMP_MARKER
+from slidemil import atomic
 from slidemil.cohort import load_cohort
 from slidemil.config import build, read_yaml, write_resolved
+from slidemil.devices import resolve_device
 from slidemil.encoders import Encoder, get_encoder, get_encoder_spec
-from slidemil.errors import ArtifactError, ConfigError, SlidemilError, WorkerCrashError
+from slidemil.errors import (
+    ArtifactError,
+    ConfigError,
+    SlidemilError,
+    SlideReadError,
+    WorkerCrashError,
+)
 from slidemil.extraction.config import ExtractConfig
-from slidemil.extraction.dataset import PatchBatches, SlidePatches, make_loader
-from slidemil.extraction.distributed import RankInfo, rank_shard, resolve_device
-from slidemil.formats.feature_file import FeatureWriter, is_complete_feature_file
+from slidemil.extraction.dataset import (
+    PatchBatches,
+    SlidePatches,
+    batch_size_of,
+    device_images,
+    make_loader,
+)
+from slidemil.extraction.distributed import RankInfo, rank_shard
+from slidemil.formats.feature_file import (
+    FEATURE_IDENTITY_KEYS,
+    FeatureWriter,
+    is_complete_feature_file,
+)
 from slidemil.formats.patch_file import read_patch_file
-from slidemil.runner import RunSummary, Shard, Task, run_per_slide
+from slidemil.inputs import artifact_file_problem, slide_file_problem
+from slidemil.runner import (
+    RunSummary,
+    Shard,
+    Task,
+    earlier_failure,
+    plan_slides,
+    read_failures,
+)
 
 log = logging.getLogger(__name__)
 
 CONFIG_NAME = "extract_config.yaml"
-# Options that change the features; a folder may only hold features made with one set of them.
-IDENTITY_KEYS = ("encoder", "weights_identity", "dtype", "transform")
-PATCH_ATTRS_COPIED = (
-    "patch_size", "patch_size_level0", "read_level", "read_size", "target_mpp", "magnification",
-    "slide_mpp", "target_downsample", "step", "slide_dimensions",
-)  # fmt: skip
 # Device->host copies enqueued but not yet written; past this the loop waits for the oldest.
 MAX_COPIES_IN_FLIGHT = 8
 
@@ -59,7 +76,8 @@ def extract(work: str | Path, config: ExtractConfig | None = None, **options: An
     weights="random", device="cpu")``. Finished slides are skipped (a slide re-patched since is
     encoded again); under ``torchrun`` each rank takes its own shard of slides and GPU. A slide
     with no patches gets an empty (0, D) bag; a slide whose patch file or slide file cannot be
-    read is recorded in ``failures.csv`` and the others go on.
+    read is recorded in ``failures.csv`` and the others go on (``strict=True``: such bad rows,
+    found before any work, refuse the run). Processes sharing the folder lock each slide.
     """
     config = config or build(ExtractConfig, section="extract", overrides=options)
     work = Path(work)
@@ -67,7 +85,7 @@ def extract(work: str | Path, config: ExtractConfig | None = None, **options: An
     cohort = load_cohort(work / "cohort.csv", require_labels=False, check_files=False)
     ranks = RankInfo.from_env()
     shard = rank_shard(Shard.parse(config.shard), ranks)
-    device = resolve_device(config.device, ranks)
+    device = str(resolve_device(config.device, ranks.local_rank, ranks.world_size))
     spec = get_encoder_spec(config.encoder)
     out_dir = work / "features" / (config.features_name or spec.name)
 
@@ -77,14 +95,25 @@ def extract(work: str | Path, config: ExtractConfig | None = None, **options: An
     ]
 
     def is_done(task: Task) -> bool:
-        rows = _patch_count(task.args[0])
-        return is_complete_feature_file(out_dir / f"{task.slide_id}.h5", spec.name, rows)
+        fingerprint = _patch_fingerprint(task.args[0])
+        if fingerprint is None:
+            return False  # unreadable patch file: the stream records the failure
+        return is_complete_feature_file(
+            out_dir / f"{task.slide_id}.h5", spec.name, patch_fingerprint_=fingerprint
+        )
 
-    todo = [t for t in tasks if not is_done(t)]
-    _remove_stale_temps(out_dir, todo)
+    upstream = {r["slide_id"]: r for r in read_failures(work / "patches").to_dict("records")}
+    plan = plan_slides(
+        "extract", tasks, out_dir=out_dir, is_done=is_done,
+        check=lambda task: _input_problem(task, upstream), strict=config.strict,
+        source=work / "cohort.csv",
+    )  # fmt: skip
+    todo = plan.todo
     stream = None
     if todo:  # a finished folder needs no weights (and no download)
-        encoder = get_encoder(config.encoder, config.weights, progress=not config.quiet)
+        encoder = get_encoder(
+            config.encoder, config.weights, revision=config.revision, progress=not config.quiet
+        )
         identity = _identity(encoder, config)
         _check_same_features(out_dir, identity)
         write_resolved(
@@ -92,13 +121,13 @@ def extract(work: str | Path, config: ExtractConfig | None = None, **options: An
         )
         stream = FeatureStream(encoder, todo, config, device, out_dir, identity)
 
-    def not_planned(slide_id: str, *args: Any) -> None:
-        raise ArtifactError(None, f"{slide_id} was finished when planned but not now; rerun")
+    def remove_temps(task: Task) -> None:  # a killed run's, for a slide this process now holds
+        atomic.remove_temps(out_dir, task.slide_id)
 
     try:
-        summary = run_per_slide(
-            "extract", tasks, stream.finish_slide if stream else not_planned, out_dir=out_dir,
-            is_done=is_done, workers=1, quiet=True,
+        summary = plan.run(
+            stream.finish_slide if stream else _not_planned, workers=1, quiet=True,
+            cleanup=remove_temps,
         )  # fmt: skip
     finally:
         if stream is not None:
@@ -109,19 +138,30 @@ def extract(work: str | Path, config: ExtractConfig | None = None, **options: An
     return summary
 
 
-def _remove_stale_temps(out_dir: Path, todo: list[Task]) -> None:
-    """Temp files a killed run left for the slides this run redoes (no other shard owns them)."""
-    for task in todo:
-        for stale in out_dir.glob(f".{glob.escape(task.slide_id)}{TEMP_MARKER}*.h5"):
-            stale.unlink(missing_ok=True)
+def _not_planned(slide_id: str, *args: Any) -> None:
+    raise ArtifactError(None, f"{slide_id} was finished when planned but not now; rerun")
 
 
-def _patch_count(patch_path: str) -> int | None:
-    """Rows of a patch file without reading them (``None``: unreadable, the stream reports it)."""
+def _input_problem(task: Task, upstream: dict[str, dict]) -> SlidemilError | None:
+    """Why a slide cannot be encoded: its patch file is missing (with patching's own reason when
+    patching recorded one) or unreadable, or its slide file is unusable; ``None`` when fine."""
+    patch_path = task.args[0]
+    problem = artifact_file_problem(patch_path, "patch", "run slidemil patch on this slide")
+    if problem is not None and task.slide_id in upstream and not Path(patch_path).exists():
+        return earlier_failure(upstream[task.slide_id])
+    if problem is None:
+        try:
+            read_patch_file(patch_path)
+        except SlidemilError as e:
+            problem = e
+    return problem or slide_file_problem(task.path)
+
+
+def _patch_fingerprint(patch_path: str) -> str | None:
+    """The patch set's fingerprint (``None``: unreadable, the stream reports it)."""
     try:
-        with h5py.File(patch_path, "r") as f:
-            return int(f["coords"].shape[0])
-    except (OSError, KeyError, ValueError):
+        return read_patch_file(patch_path).fingerprint
+    except SlidemilError:
         return None
 
 
@@ -140,7 +180,7 @@ def _check_same_features(out_dir: Path, identity: dict[str, Any]) -> None:
     if not record.is_file():
         return
     previous = read_yaml(record).get("identity") or {}
-    changed = [k for k in IDENTITY_KEYS if k in previous and previous[k] != identity[k]]
+    changed = [k for k in FEATURE_IDENTITY_KEYS if k in previous and previous[k] != identity[k]]
     if changed:
         raise ConfigError(
             out_dir,
@@ -183,6 +223,9 @@ class FeatureStream:
             total=total, desc=f"extract {encoder.name}", unit="patch", dynamic_ncols=True,
             disable=config.quiet or total == 0, smoothing=0.05,
         )  # fmt: skip
+        # JPEG tiles decoded on the GPU (workers only fetch their bytes), or by the workers
+        decode = config.decode
+        self.device_decode = decode == "device" or (decode == "auto" and self.cuda)
         self.patches_done = 0
         self.seconds = 0.0
         self._start = time.perf_counter()
@@ -197,7 +240,10 @@ class FeatureStream:
         from torch.utils.data import Subset
 
         if self._batches is None:
-            dataset: Any = PatchBatches(self.slides, self.config.batch_size)
+            dataset: Any = PatchBatches(
+                self.slides, self.config.batch_size, reader=self.config.reader,
+                device_decode=self.device_decode,
+            )  # fmt: skip
             if self._restart_at:
                 first = next(
                     (j for j, r in enumerate(dataset.refs) if r.slide_index >= self._restart_at),
@@ -270,11 +316,18 @@ class FeatureStream:
                 continue  # a slide the runner skipped since planning (finished by another shard)
             if batch["error"] is not None:
                 error = error or batch["error"]
-            elif batch["images"].shape[0] > 0 and error is None and out is not None:
-                features = self._forward(batch["images"])
-                self._land(copies, features, out)
-                self.patches_done += features.shape[0]
-                self.bar.update(features.shape[0])
+            elif batch_size_of(batch) > 0 and error is None and out is not None:
+                slide = self.slides[batch["slide_index"]]
+                try:  # JPEG tiles handed over undecoded are decoded here, on the device
+                    images = device_images(batch, slide.patches.patch_size, self.device)
+                except SlidemilError as e:
+                    error = SlideReadError(slide.slide_path, e.problem)
+                    images = None
+                if images is not None:
+                    features = self._forward(images)
+                    self._land(copies, features, out)
+                    self.patches_done += features.shape[0]
+                    self.bar.update(features.shape[0])
             if batch["last"]:
                 while copies:
                     self._write_oldest(copies, out)
@@ -356,8 +409,6 @@ def _load_slide(task: Task) -> SlidePatches:
 
 def _attrs(slide: SlidePatches, identity: dict[str, Any]) -> dict[str, Any]:
     patches = slide.patches
-    copied = {k: getattr(patches, k) for k in PATCH_ATTRS_COPIED if hasattr(patches, k)}
-    copied["slide_dimensions"] = list(patches.slide_dimensions or ())
     return {
         "slide_id": slide.slide_id,
         "slide_path": slide.slide_path,
@@ -366,7 +417,8 @@ def _attrs(slide: SlidePatches, identity: dict[str, Any]) -> dict[str, Any]:
         "transform": identity["transform"],
         "input_size": _input_size(identity, patches.patch_size),
         "precision": identity["precision"],
-        **copied,
+        "patch_fingerprint": patches.fingerprint,
+        **patches.geometry(),
     }
 
 

@@ -19,11 +19,20 @@ Layout (``format_version`` 1)::
         n_patches           N
         run, features       the training run and the feature file predicted from
         encoder, weights    the features' encoder and weights identity
-        patch_size_level0   footprint of a patch in level-0 px (float): all a heat map needs
+        patch_size_level0   footprint of a patch in level-0 px (float): all a heat map needs;
+                            null when the features came without a patch geometry (a CLAM
+                            file predicted without --patches or --patch-size-level0)
         patch_size, read_level, read_size, target_downsample, step, target_mpp,
         magnification, slide_mpp, slide_dimensions      copied from the patch / feature file
+        has_coords          false when the bag had no coordinates (a CLAM .pt file): the
+                            coords are then zeros
+        geometry_source     where the geometry came from ("feature file", "patch file <path>",
+                            "patch_size_level0 option"), or null
+        geometry_problem    why there is no geometry (null when there is one)
 
-The file is written to a temp name and renamed, so a file at the final path is complete.
+A file without a geometry still holds the prediction and the scores; only its heat map fails
+(:meth:`AttentionMap.placement_problem` says why). The file is written to a temp name and
+renamed, so a file at the final path is complete.
 """
 
 from __future__ import annotations
@@ -40,6 +49,10 @@ from slidemil.errors import ArtifactError
 from slidemil.formats.h5 import provenance, read_attr, read_root_attrs, write_attrs
 
 ATTENTION_FORMAT_VERSION = 1
+PLACEMENT_FIX = (
+    "predict again into a new --out folder with --patches DIR, the slides' CLAM or TRIDENT patch "
+    "files, or --patch-size-level0 PX, the patch footprint in level-0 px"
+)
 
 
 @dataclass
@@ -50,12 +63,32 @@ class AttentionMap:
     attention: np.ndarray  # float32 (N, F), normalised
     attention_raw: np.ndarray  # float32 (N, F)
     attrs: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None  # the file it was read from, for errors
 
     def __len__(self) -> int:
         return int(self.coords.shape[0])
 
     @property
+    def placement_problem(self) -> str | None:
+        """Why the patches cannot be placed on the slide (no coordinates, no footprint), or
+        None when they can."""
+        no_coords = self.attrs.get("has_coords") is False
+        if not no_coords and self.attrs.get("patch_size_level0") is not None:
+            return None
+        default = "no patch coordinates" if no_coords else "no patch_size_level0 attribute"
+        return self.attrs.get("geometry_problem") or default
+
+    def check_placeable(self) -> None:
+        """Raise an :class:`ArtifactError` naming both ways to a geometry when the patches
+        cannot be placed."""
+        problem = self.placement_problem
+        if problem is not None:
+            raise ArtifactError(self.path, f"cannot place the patches: {problem}", PLACEMENT_FIX)
+
+    @property
     def patch_size_level0(self) -> float:
+        """Patch footprint in level-0 px (an ArtifactError when the file has none)."""
+        self.check_placeable()
         return float(self.attrs["patch_size_level0"])
 
     def mean_attention(self) -> np.ndarray:
@@ -114,9 +147,7 @@ def read_attention_file(path: str | Path) -> AttentionMap:
             f"({ATTENTION_FORMAT_VERSION})",
             "upgrade slidemil",
         )
-    if "patch_size_level0" not in attrs:
-        raise ArtifactError(path, "no patch_size_level0 attribute: cannot place patches")
-    return AttentionMap(coords, attention, raw, attrs)
+    return AttentionMap(coords, attention, raw, attrs, path)
 
 
 def read_attention_attrs(path: str | Path) -> dict[str, Any]:
@@ -125,15 +156,11 @@ def read_attention_attrs(path: str | Path) -> dict[str, Any]:
 
 
 def is_complete_attention_file(path: str | Path) -> bool:
-    """True when ``path`` opens and has coords and attention of the same length and the patch
-    footprint (checked without reading the data)."""
+    """True when ``path`` opens and has coords, attention and raw scores of the same length
+    (checked without reading the data; a file without a patch geometry is complete too)."""
     try:
         with h5py.File(path, "r") as f:
             rows = f["coords"].shape[0]
-            return (
-                f["attention"].shape[0] == rows
-                and "attention_raw" in f
-                and "patch_size_level0" in f.attrs
-            )
+            return f["attention"].shape[0] == rows and "attention_raw" in f
     except (OSError, KeyError):
         return False

@@ -17,6 +17,9 @@ Layout (``format_version`` 1)::
         patch_size, patch_size_level0, read_level, read_size, target_mpp, magnification,
         slide_mpp, target_downsample, step, slide_dimensions
                             copied from the patch file so heatmaps need nothing else
+        patch_fingerprint   hash of the patch file's coords and read geometry
+                            (:func:`~slidemil.formats.patch_file.patch_fingerprint`): features
+                            of a slide re-patched since no longer match and are redone
         source_format       "slidemil" (files read from CLAM or TRIDENT say so)
 
 The file is written under a temp name in the same folder (rows streamed in as batches finish)
@@ -36,8 +39,12 @@ import numpy as np
 from slidemil.atomic import temp_path_for
 from slidemil.errors import ArtifactError
 from slidemil.formats.h5 import provenance, read_attr, read_root_attrs, write_attrs
+from slidemil.formats.patch_file import FINGERPRINT_GEOMETRY, patch_fingerprint
 
 FEATURE_FORMAT_VERSION = 1
+# What makes two sets of features comparable (recorded by extraction, checked by prediction): a
+# folder, and a model, only ever sees features that agree on all of these.
+FEATURE_IDENTITY_KEYS = ("encoder", "weights_identity", "dtype", "transform")
 
 
 @dataclass
@@ -221,10 +228,14 @@ def _is_foreign(path: Path) -> bool:
 
 
 def is_complete_feature_file(
-    path: str | Path, encoder: str | None = None, rows: int | None = None
+    path: str | Path,
+    encoder: str | None = None,
+    rows: int | None = None,
+    patch_fingerprint_: str | None = None,
 ) -> bool:
-    """True when ``path`` is a readable slidemil feature file (of ``encoder`` and with ``rows``
-    patches, if given: a slide re-patched since has to be encoded again)."""
+    """True when ``path`` is a readable slidemil feature file (of ``encoder``, with ``rows``
+    patches and made from patches with fingerprint ``patch_fingerprint_``, where given: a slide
+    re-patched since has to be encoded again, even when its patch count is the same)."""
     try:
         with h5py.File(path, "r") as f:
             if "features" not in f or "coords" not in f:
@@ -233,6 +244,14 @@ def is_complete_feature_file(
             if n != f["coords"].shape[0] or read_attr(f.attrs, "format_version") is None:
                 return False
             found = read_attr(f.attrs, "encoder")
-    except (OSError, KeyError, ValueError):
+            if (encoder is not None and found != encoder) or (rows is not None and n != rows):
+                return False
+            if patch_fingerprint_ is None:
+                return True
+            recorded = read_attr(f.attrs, "patch_fingerprint")
+            if recorded is None:  # written before fingerprints: derive it from what was copied
+                geometry = {k: read_attr(f.attrs, k) for k in FINGERPRINT_GEOMETRY}
+                recorded = patch_fingerprint(f["coords"][:], geometry)
+    except (OSError, KeyError, ValueError, TypeError):
         return False
-    return (encoder is None or found == encoder) and (rows is None or n == rows)
+    return recorded == patch_fingerprint_

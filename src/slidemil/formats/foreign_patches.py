@@ -2,13 +2,16 @@
 
 CLAM (``create_patches_fp.py``): dataset ``coords`` (N, 2) level-0 x, y with attributes
 ``patch_level`` (the level read) and ``patch_size`` (px read at that level, no resize); newer
-versions add ``downsample`` (the level's [x, y] downsample), ``downsampled_level_dim``,
-``level_dim`` (level-0 [width, height]), ``name`` and ``save_path``.
+versions add ``downsample`` (the level's [x, y] downsample), ``downsampled_level_dim`` and
+``level_dim`` (both the [width, height] of the read level, not of level 0), ``name`` and
+``save_path``.
 
 TRIDENT (``<name>_patches.h5``): dataset ``coords`` (N, 2) level-0 x, y with attributes
 ``patch_size`` (px at the target magnification), ``patch_size_level0``,
 ``level0_magnification``, ``target_magnification``, ``overlap`` (px at the target
-magnification) and ``name``.
+magnification), ``name``, ``savetodir``, ``level0_width`` and ``level0_height``; a missing value
+is the string ``"None"``. TRIDENT feature files copy these attributes onto their own ``coords``,
+so :func:`patch_set_from_attrs` places their patches too.
 
 What a file lacks (the level downsample of an old CLAM file, the read level of a TRIDENT file,
 the slide's µm/px) comes from the slide when one is given.
@@ -43,6 +46,24 @@ def foreign_format(attrs: dict[str, Any]) -> str | None:
     return None
 
 
+def find_patch_file(folder: str | Path, slide_id: str) -> Path | None:
+    """A slide's patch file in ``folder`` or its ``patches/`` subfolder: ``<slide_id>.h5``
+    (CLAM, slidemil) or ``<slide_id>_patches.h5`` (TRIDENT); None when there is none."""
+    folder = Path(folder)
+    for base in (folder, folder / "patches"):
+        for name in (f"{slide_id}.h5", f"{slide_id}_patches.h5"):
+            if (base / name).is_file():
+                return base / name
+    return None
+
+
+def read_foreign_attr(attrs: h5py.AttributeManager, key: str) -> Any:
+    """An attribute decoded like :func:`read_attr`, with TRIDENT's string ``"None"`` (how its
+    ``save_h5`` stores a missing value) read as ``None``."""
+    value = read_attr(attrs, key)
+    return None if value == "None" else value
+
+
 def read_foreign_patch_file(path: str | Path, slide: Slide | None = None) -> PatchSet:
     """Read a CLAM or TRIDENT patch file; ``slide`` fills in what the file does not record."""
     path = Path(path)
@@ -53,12 +74,20 @@ def read_foreign_patch_file(path: str | Path, slide: Slide | None = None) -> Pat
             if "coords" not in f:
                 raise ArtifactError(path, "no 'coords' dataset: not a patch file")
             coords = np.asarray(f["coords"][:]).reshape(-1, 2).astype(np.int64)
-            attrs = {k: read_attr(f.attrs, k) for k in f.attrs}
-            attrs.update({k: read_attr(f["coords"].attrs, k) for k in f["coords"].attrs})
+            attrs = {k: read_foreign_attr(f.attrs, k) for k in f.attrs}
+            attrs.update({k: read_foreign_attr(f["coords"].attrs, k) for k in f["coords"].attrs})
     except ArtifactError:
         raise
     except (OSError, KeyError, TypeError, ValueError) as e:
         raise ArtifactError(path, f"unreadable or truncated patch file: {e}") from e
+    return patch_set_from_attrs(path, coords, attrs, slide)
+
+
+def patch_set_from_attrs(
+    path: Path, coords: np.ndarray, attrs: dict[str, Any], slide: Slide | None = None
+) -> PatchSet:
+    """A :class:`PatchSet` from CLAM's or TRIDENT's ``coords`` attributes, wherever they sit: in
+    a patch file, or copied into a TRIDENT feature file. ``path`` names the file in errors."""
     kind = foreign_format(attrs)
     if kind == "clam":
         return _from_clam(path, coords, attrs, slide)
@@ -85,7 +114,11 @@ def _from_clam(path: Path, coords, attrs, slide: Slide | None) -> PatchSet:
                 "pass the slide so its level downsamples can be used",
             )
         downsample = 1.0
-    dims = attrs.get("level_dim")
+    dims = attrs.get("level_dim")  # of the read level: level-0 size is dims x downsample
+    if isinstance(dims, list | tuple) and len(dims) == 2:
+        scale = attrs.get("downsample")
+        scale = scale if isinstance(scale, list | tuple) and len(scale) == 2 else [downsample] * 2
+        dims = [round(float(n) * float(s)) for n, s in zip(dims, scale, strict=True)]
     slide_mpp = _slide_mpp(slide)
     return PatchSet(
         coords=coords,
@@ -137,7 +170,9 @@ def _from_trident(path: Path, coords, attrs, slide: Slide | None) -> PatchSet:
         target_mpp=None if slide_mpp is None else slide_mpp * downsample,
         magnification=None if target_mag is None else float(target_mag),
         slide_mpp=slide_mpp,
-        slide_dimensions=_dimensions(None, slide),
+        slide_dimensions=_dimensions(
+            [attrs.get("level0_width"), attrs.get("level0_height")], slide
+        ),
         source_format="trident",
         extra={"source_file": str(path), "level0_magnification": level0_mag},
     )
@@ -158,9 +193,12 @@ def _first(value: Any) -> float | None:
 
 
 def _dimensions(dims: Any, slide: Slide | None) -> tuple[int, int] | None:
-    if isinstance(dims, list | tuple) and len(dims) == 2:
+    """Level-0 [width, height]: the slide's own when it is open, else what the file says."""
+    if slide is not None:
+        return tuple(slide.dimensions)
+    if isinstance(dims, list | tuple) and len(dims) == 2 and None not in dims:
         return int(dims[0]), int(dims[1])
-    return None if slide is None else tuple(slide.dimensions)
+    return None
 
 
 def _slide_mpp(slide: Slide | None) -> float | None:

@@ -27,6 +27,8 @@ The file is written to a temp name and renamed, so a file at the final path is c
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,6 +44,14 @@ if TYPE_CHECKING:
     from slidemil.slide import Slide
 
 PATCH_FORMAT_VERSION = 1
+# The geometry of a patch set that later artifacts (feature and attention files) carry along, so
+# a heat map can place every patch without the patch file.
+PATCH_GEOMETRY_KEYS = (
+    "patch_size", "patch_size_level0", "read_level", "read_size", "target_downsample", "step",
+    "target_mpp", "magnification", "slide_mpp", "slide_dimensions",
+)  # fmt: skip
+# What places a patch on the slide: with the coordinates, these make a patch set's fingerprint.
+FINGERPRINT_GEOMETRY = ("patch_size", "read_level", "read_size", "target_downsample")
 
 
 @dataclass
@@ -75,6 +85,29 @@ class PatchSet:
     @property
     def patch_size_level0(self) -> float:
         return self.patch_size * self.target_downsample
+
+    def geometry(self) -> dict[str, Any]:
+        """The :data:`PATCH_GEOMETRY_KEYS` of this patch set (``slide_dimensions`` as a list)."""
+        values = {k: getattr(self, k) for k in PATCH_GEOMETRY_KEYS}
+        values["slide_dimensions"] = list(self.slide_dimensions or ())
+        return values
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of the coordinates and the read geometry: two patch sets with the same
+        fingerprint give the same pixels for every row."""
+        return patch_fingerprint(self.coords, {k: getattr(self, k) for k in FINGERPRINT_GEOMETRY})
+
+
+def patch_fingerprint(coords: np.ndarray, geometry: dict[str, Any]) -> str:
+    """Hash of level-0 ``coords`` (N, 2) and the :data:`FINGERPRINT_GEOMETRY` values of
+    ``geometry``; recorded in feature files so features of a re-patched slide count as stale."""
+    digest = hashlib.sha256(np.ascontiguousarray(coords, dtype="<i8").reshape(-1, 2).tobytes())
+    values = {k: geometry.get(k) for k in FINGERPRINT_GEOMETRY}
+    # floats rounded: the downsample is a ratio of sizes and may differ in the last bit
+    values = {k: round(float(v), 6) if v is not None else None for k, v in values.items()}
+    digest.update(json.dumps(values, sort_keys=True).encode())
+    return digest.hexdigest()[:32]
 
 
 def write_patch_file(path: str | Path, patches: PatchSet) -> Path:

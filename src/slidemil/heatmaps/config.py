@@ -3,23 +3,38 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field
 
 from slidemil.config import ShardSpec, StageConfig
+from slidemil.readers.protocol import READER_HELP, ReaderName
+
+
+def _known_cmap(value: str) -> str:
+    import matplotlib  # here, so that --help does not import it
+
+    if value not in matplotlib.colormaps:
+        raise ValueError(f"unknown colour map {value!r} (e.g. jet, viridis, inferno, coolwarm)")
+    return value
+
+
+# A matplotlib colour map name (heat maps and the viewer's attention layer).
+ColourMap = Annotated[str, AfterValidator(_known_cmap)]
+# How attention scores map to colours.
+Normalisation = Literal["rank", "percentile", "minmax", "none"]
 
 
 class HeatmapConfig(StageConfig):
     """Options of ``slidemil heatmap`` (the ``heatmap:`` section of a config file)."""
 
-    normalisation: Literal["rank", "percentile", "minmax", "none"] = Field(
+    normalisation: Normalisation = Field(
         "rank", description="how scores map to colours: rank, percentile (1-99 clip), minmax, none"
     )
     model: str = Field(
         "mean", description="which model's attention: 'mean' over folds, or a name like fold_0"
     )
-    cmap: str = Field("jet", description="matplotlib colour map")
+    cmap: ColourMap = Field("jet", description="matplotlib colour map")
     alpha: float = Field(0.5, ge=0, le=1, description="opacity of the heat map over the slide")
     smooth: float = Field(
         0.0, ge=0, description="Gaussian smoothing sigma, in patch sides (0 = none)"
@@ -37,13 +52,10 @@ class HeatmapConfig(StageConfig):
     )
     shard: ShardSpec = Field(None, description="i/n: process every n-th slide from the i-th")
     workers: int = Field(1, ge=1, description="slides rendered in parallel")
+    strict: bool = Field(
+        False,
+        description="refuse the run when any attention file or slide is missing or unreadable, "
+        "instead of recording it in failures.csv and going on",
+    )
     quiet: bool = Field(False, description="no progress bar")
-
-    @field_validator("cmap")
-    @classmethod
-    def _known_cmap(cls, value: str) -> str:
-        import matplotlib  # here, so that --help does not import it
-
-        if value not in matplotlib.colormaps:
-            raise ValueError(f"unknown colour map {value!r} (e.g. jet, viridis, inferno, coolwarm)")
-        return value
+    reader: ReaderName = Field("auto", description=READER_HELP)

@@ -96,6 +96,26 @@ def _spacing(coords: np.ndarray) -> float:
     return min(gaps) if gaps else 0.0
 
 
+def sample_grid(
+    grid: np.ndarray,
+    cell: float,
+    x0: float,
+    y0: float,
+    size: tuple[int, int],
+    downsample: float,
+) -> np.ndarray:
+    """(h, w) values of ``grid`` (``cell`` level-0 px per cell) for an image of ``size`` = (w, h)
+    px whose top-left is at level-0 ``x0, y0`` and whose pixels are ``downsample`` level-0 px:
+    the cell under each pixel's centre (no interpolation), NaN outside the grid."""
+    rows, columns = grid.shape
+    w, h = size
+    column = np.floor((x0 + (np.arange(w) + 0.5) * downsample) / cell).astype(np.int64)
+    row = np.floor((y0 + (np.arange(h) + 0.5) * downsample) / cell).astype(np.int64)
+    inside = ((row >= 0) & (row < rows))[:, None] & ((column >= 0) & (column < columns))[None, :]
+    values = grid[np.clip(row, 0, rows - 1)[:, None], np.clip(column, 0, columns - 1)[None, :]]
+    return np.where(inside, values, np.nan)
+
+
 def write_heatmap_tiff(
     path: str | Path,
     slide: Slide,
@@ -110,15 +130,9 @@ def write_heatmap_tiff(
     per grid cell, values in [0, 1]) drawn over the slide at ``alpha``; the slide shows where no
     patch lies. Written tile by tile, so memory does not grow with the slide."""
     width, height = slide.dimensions
-    rows, columns = grid.shape
 
     def render(x0: float, y0: float, w: int, h: int, downsample: float) -> np.ndarray:
-        # the grid cell under each output pixel's centre (level-0 geometry, no interpolation)
-        column = np.floor((x0 + (np.arange(w) + 0.5) * downsample) / cell).astype(np.int64)
-        row = np.floor((y0 + (np.arange(h) + 0.5) * downsample) / cell).astype(np.int64)
-        inside = (row[:, None] < rows) & (column[None, :] < columns)
-        values = grid[np.minimum(row, rows - 1)[:, None], np.minimum(column, columns - 1)[None, :]]
-        values = np.where(inside, values, np.nan)
+        values = sample_grid(grid, cell, x0, y0, (w, h), downsample)
         base = slide.read_scaled((int(x0), int(y0)), slide.plan_for_downsample(downsample), (w, h))
         return overlay(base, colorize(values, cmap), alpha)
 

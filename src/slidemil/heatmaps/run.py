@@ -5,24 +5,25 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import cv2
 import numpy as np
 
+from slidemil import atomic
 from slidemil.atomic import is_temp_file
 from slidemil.cohort import load_cohort
-from slidemil.config import build, read_yaml, write_resolved
-from slidemil.errors import ArtifactError, ConfigError
-from slidemil.formats.attention_file import read_attention_file
+from slidemil.config import build, write_resolved
+from slidemil.errors import ArtifactError, SlidemilError
+from slidemil.formats.attention_file import read_attention_attrs, read_attention_file
 from slidemil.heatmaps.config import HeatmapConfig
 from slidemil.heatmaps.export import heat_grid, write_geojson, write_heatmap_tiff
 from slidemil.heatmaps.figure import gallery_figure, heatmap_figure, heatmap_title, save_figure
 from slidemil.heatmaps.render import colorize, normalise_scores, overlay, rasterise, smooth
-from slidemil.runner import RunSummary, Shard, Task, run_per_slide
+from slidemil.inputs import slide_file_problem
+from slidemil.runner import RunSummary, Shard, Task, options_fingerprint, plan_slides
 from slidemil.slide import Slide
 
 CONFIG_NAME = "heatmap_config.yaml"
 # Options that change which slides are drawn or how the run goes, not what a drawing looks like.
-RUNTIME_OPTIONS = frozenset({"cohort", "shard", "workers", "quiet"})
+RUNTIME_OPTIONS = frozenset({"cohort", "shard", "workers", "quiet", "strict"})
 
 
 def heatmap(
@@ -38,7 +39,11 @@ def heatmap(
     ``<slide_id>_gallery.png`` (top- and bottom-k patches), ``<slide_id>.geojson`` (QuPath tiles)
     and, with ``tiff=True``, ``<slide_id>.tiff`` (pyramidal, full resolution). ``out`` defaults
     to ``predictions/heatmaps``. Finished slides are skipped on a rerun with the same options;
-    with other drawing options every slide is drawn again.
+    with other drawing options (or a new attention file) a slide is drawn again, also when an
+    earlier run with those options was interrupted: each slide's outputs count as done only
+    with the options fingerprint they were drawn with (``out/.done/<slide_id>.json``). A slide
+    whose attention file or slide file is missing or unreadable is recorded in
+    ``out/failures.csv`` and the others go on (``strict=True`` refuses the run instead).
     """
     config = config or build(
         HeatmapConfig, section="heatmap", config_file=config_file, overrides=options
@@ -61,38 +66,48 @@ def heatmap(
         tasks.append(
             Task(slide_id, str(file), (str(file), slide_path, slide_mpp, str(out), config))
         )
-    # outputs drawn with other options are redrawn, not kept: trying another look is cheap
-    redraw = _options_changed(out / CONFIG_NAME, config)
-    write_resolved(out / CONFIG_NAME, {"heatmap": config})
     suffixes = [".png"]
     suffixes += ["_gallery.png"] if config.top_k > 0 else []
     suffixes += [".geojson"] if config.geojson else []
     suffixes += [".tiff"] if config.tiff else []
+    drawing = config.model_dump(mode="json", exclude=set(RUNTIME_OPTIONS))
 
     def is_done(task: Task) -> bool:
-        return not redraw and all((out / f"{task.slide_id}{s}").is_file() for s in suffixes)
+        return all((out / f"{task.slide_id}{s}").is_file() for s in suffixes)
 
-    return run_per_slide(
-        "heatmap",
-        tasks,
-        render_slide,
-        out_dir=out,
-        is_done=is_done,
-        workers=min(config.workers, os.cpu_count() or 1),
-        quiet=config.quiet,
-    )
+    def fingerprint(task: Task) -> str:
+        # the drawing options and the attention file drawn: new scores are drawn again too
+        stat = Path(task.args[0]).stat()
+        return options_fingerprint({**drawing, "attention": [stat.st_size, stat.st_mtime_ns]})
+
+    plan = plan_slides(
+        "heatmap", tasks, out_dir=out, is_done=is_done, check=_input_problem,
+        fingerprint=fingerprint, strict=config.strict, source=attention_dir,
+    )  # fmt: skip
+    write_resolved(out / CONFIG_NAME, {"heatmap": config})
+
+    def remove_temps(task: Task) -> None:  # a killed run's, for a slide this process now holds
+        atomic.remove_temps(out, task.slide_id)
+        atomic.remove_temps(out, f"{task.slide_id}_gallery")
+
+    return plan.run(
+        render_slide, workers=min(config.workers, os.cpu_count() or 1), quiet=config.quiet,
+        cleanup=remove_temps,
+    )  # fmt: skip
 
 
-def _options_changed(record: Path, config: HeatmapConfig) -> bool:
-    """True when ``record`` holds options that draw differently from ``config``."""
-    if not record.is_file():
-        return False
+def _input_problem(task: Task) -> SlidemilError | None:
+    """Why a slide cannot be drawn: its attention file is unreadable or names no slide, or the
+    slide file is missing, empty or unreadable; ``None`` when both look usable."""
+    attention_path, slide_path = task.args[0], task.args[1]
     try:
-        previous = read_yaml(record).get("heatmap") or {}
-    except ConfigError:
-        return True
-    current = config.model_dump(mode="json")
-    return any(previous.get(k) != v for k, v in current.items() if k not in RUNTIME_OPTIONS)
+        attrs = read_attention_attrs(attention_path)
+    except SlidemilError as e:
+        return e
+    slide_path = slide_path or attrs.get("slide_path")
+    if not slide_path:
+        return ArtifactError(attention_path, "records no slide path", "pass --cohort CSV")
+    return slide_file_problem(slide_path)
 
 
 def render_slide(
@@ -105,6 +120,7 @@ def render_slide(
 ) -> dict[str, str]:
     """All heat-map outputs of one slide (a worker-process function)."""
     attention = read_attention_file(attention_path)
+    attention.check_placeable()  # features without a patch geometry: only the map fails
     attrs = attention.attrs
     scores, raw = _scores(attention, config.model, attention_path)
     shown = normalise_scores(scores, config.normalisation)
@@ -115,7 +131,8 @@ def render_slide(
     size0 = attention.patch_size_level0
     title = heatmap_title(slide_id, attrs)
     written = {}
-    with Slide(slide_path, mpp_override=slide_mpp or attrs.get("slide_mpp")) as slide:
+    mpp_override = slide_mpp or attrs.get("slide_mpp")
+    with Slide(slide_path, mpp_override=mpp_override, reader=config.reader) as slide:
         thumb, downsample = slide.thumbnail(config.thumbnail_size)
         canvas = rasterise(attention.coords, shown, size0, thumb.shape[:2], downsample)
         canvas = smooth(canvas, config.smooth * size0 / downsample)
@@ -173,14 +190,8 @@ def _gallery(slide: Slide, attention, scores: np.ndarray, k: int):
     order = np.argsort(-scores, kind="stable")
 
     def patches(indices):
-        shown = []
-        for i in indices:
-            x, y = attention.coords[i]
-            pixels = slide.read_region((int(x), int(y)), level, (read_size, read_size))
-            if read_size != patch_size:
-                pixels = cv2.resize(pixels, (patch_size, patch_size), interpolation=cv2.INTER_AREA)
-            shown.append((pixels, float(scores[i])))
-        return shown
+        pixels = slide.read_patches(attention.coords[indices], level, read_size, patch_size)
+        return [(image, float(scores[i])) for image, i in zip(pixels, indices, strict=True)]
 
     k = min(k, len(order))
     return patches(order[:k]), patches(order[::-1][:k])

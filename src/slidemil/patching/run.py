@@ -5,7 +5,8 @@ Outputs under the work folder::
     cohort.csv                  the validated manifest (absolute paths)
     patch_config.yaml           the resolved options of the run
     patches/<slide_id>.h5       patch coordinates (see slidemil.formats.patch_file)
-    patches/failures.csv        one row per slide that failed, with the reason
+    patches/failures.csv        one row per slide that failed (or bad row), with the reason
+    patches/.done/<slide_id>.json   the options fingerprint each patch file was made with
     previews/<slide_id>.png     thumbnail with tissue outlines and the patch grid
 """
 
@@ -21,13 +22,15 @@ import cv2
 import h5py
 from pydantic import Field, model_validator
 
-from slidemil.cohort import SlideRecord, load_cohort
+from slidemil import atomic
+from slidemil.cohort import SlideRecord, load_cohort, row_problem
 from slidemil.config import ShardSpec, StageConfig, build, read_yaml, write_resolved
 from slidemil.errors import ConfigError, NoTissueError
 from slidemil.formats.patch_file import PatchSet, is_complete_patch_file, write_patch_file
 from slidemil.patching.grid import select_patches
 from slidemil.patching.preview import draw_preview, write_preview
-from slidemil.runner import RunSummary, Shard, Task, run_per_slide
+from slidemil.readers.protocol import READER_HELP, ReaderName
+from slidemil.runner import RunSummary, Shard, Task, options_fingerprint, plan_slides
 from slidemil.slide import Slide
 from slidemil.tissue.segmentation import TissueMask, TissueParams, segment_tissue
 from slidemil.tissue.segmentation import segmentation_level as nearest_level
@@ -39,7 +42,10 @@ DEFAULT_MPP = 0.5
 MAX_SEGMENTATION_OVERSIZE = 4
 PREVIEW_SIZE = 1024  # longer side of previews/<slide_id>.png, px
 # Options that only change how the run goes, not its result.
-RUN_ONLY_OPTIONS = frozenset({"workers", "quiet", "shard", "overwrite", "previews"})
+# "reader": both readers give the same pixels, so switching does not redo finished slides
+RUN_ONLY_OPTIONS = frozenset(
+    {"workers", "quiet", "shard", "overwrite", "previews", "strict", "reader"}
+)
 
 
 class PatchConfig(StageConfig):
@@ -83,7 +89,13 @@ class PatchConfig(StageConfig):
     )
     shard: ShardSpec = Field(None, description="only shard i/n of the slides (0-based), e.g. 0/4")
     overwrite: bool = Field(False, description="redo every slide, even with other options")
+    strict: bool = Field(
+        False,
+        description="refuse the whole cohort when any row is bad (slide or mask missing, empty, "
+        "unreadable) instead of recording it in failures.csv and going on",
+    )
     quiet: bool = Field(False, description="no progress bar")
+    reader: ReaderName = Field("auto", description=READER_HELP)
 
     @model_validator(mode="after")
     def _one_resolution(self) -> PatchConfig:
@@ -132,33 +144,53 @@ def patch(
     """Segment tissue and write patch coordinates for every slide of ``cohort_csv`` under ``out``.
 
     Options are :class:`PatchConfig` fields, e.g. ``patch("cohort.csv", "work", mpp=0.5)``.
-    Slides whose patch file is complete are skipped; a failing slide is recorded in
-    ``out/patches/failures.csv`` and the others go on.
+    Slides whose patch file is complete and was made with the same options are skipped (an
+    interrupted ``overwrite`` run resumes without keeping old-options files); a failing slide,
+    or a bad row (slide or mask file missing, a directory, empty, unreadable), is recorded in
+    ``out/patches/failures.csv`` and the others go on (``strict=True`` refuses the cohort on
+    a bad row instead). Several processes may share ``out``: each slide is locked while patched.
     """
     if config is None:
         config = build(PatchConfig, section="patch", config_file=config_file, overrides=options)
     out = Path(out)
-    cohort = load_cohort(cohort_csv, require_labels=False)
+    cohort = load_cohort(cohort_csv, require_labels=False, check_files=False)
     _check_same_options(out, config)
-    out.mkdir(parents=True, exist_ok=True)
-    cohort.save(out / "cohort.csv")
-    write_resolved(out / CONFIG_NAME, {"patch": config})
-
-    records = Shard.parse(config.shard).select(list(cohort))
+    records = {r.slide_id: r for r in Shard.parse(config.shard).select(list(cohort))}
     patch_dir = out / "patches"
-    tasks = [_task(record, out, config) for record in records]
+    tasks = [_task(record, out, config) for record in records.values()]
 
     def is_done(task: Task) -> bool:
         return not config.overwrite and is_complete_patch_file(_patch_path(out, task.slide_id))
 
-    summary = run_per_slide(
-        "patch", tasks, patch_slide, out_dir=patch_dir, is_done=is_done,
-        workers=config.workers, quiet=config.quiet,
+    # Bad rows are found (and --strict refuses) before anything is written.
+    plan = plan_slides(
+        "patch", tasks, out_dir=patch_dir, is_done=is_done,
+        check=lambda task: row_problem(records[task.slide_id], open_slide=config.strict),
+        fingerprint=lambda task: _fingerprint(records[task.slide_id], config),
+        strict=config.strict, source=cohort_csv,
     )  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    cohort.save(out / "cohort.csv")
+    write_resolved(out / CONFIG_NAME, {"patch": config})
+
+    def remove_temps(task: Task) -> None:  # a killed run's, for a slide this process now holds
+        atomic.remove_temps(patch_dir, task.slide_id)
+        atomic.remove_temps(out / "previews", task.slide_id)
+
+    summary = plan.run(
+        patch_slide, workers=config.workers, quiet=config.quiet, cleanup=remove_temps
+    )
     counts = {sid: int(n) for sid, n in summary.results.items()}
     for slide_id in summary.skipped:
         counts[slide_id] = _count_patches(_patch_path(out, slide_id))
     return PatchSummary(summary, counts, out)
+
+
+def _fingerprint(record: SlideRecord, config: PatchConfig) -> str:
+    """What a slide's patch file depends on: the result options and the row's own inputs."""
+    slide_mpp = record.slide_mpp if record.slide_mpp is not None else config.slide_mpp
+    mask = None if record.mask_path is None else str(record.mask_path)
+    return options_fingerprint({**config.result_options(), "slide_mpp": slide_mpp, "mask": mask})
 
 
 def _task(record: SlideRecord, out: Path, config: PatchConfig) -> Task:
@@ -212,7 +244,7 @@ def patch_slide(
     Top-level so the runner's process pool can pickle it.
     """
     out_dir = Path(out)
-    with Slide(slide_path, mpp_override=slide_mpp) as slide:
+    with Slide(slide_path, mpp_override=slide_mpp, reader=config.reader) as slide:
         level0_mpp = slide.mpp  # MissingMppError here, before any work
         if config.magnification is not None:
             target_mpp = slide.mpp_for_magnification(config.magnification)
@@ -259,6 +291,7 @@ def patch_slide(
             slide_dimensions=tuple(slide.dimensions),
             min_tissue=config.min_tissue,
             segmentation=segmentation,
+            extra={"reader": slide.reader_name},  # provenance: which reader gave the pixels
         )
         write_patch_file(_patch_path(out_dir, slide_id), patches)
     return len(coords)

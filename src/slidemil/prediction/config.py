@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from slidemil.config import Device, ShardSpec, StageConfig
+from slidemil.readers.protocol import READER_HELP, ReaderName
 
 MODEL_CHOICE = re.compile(r"^(mean|fold_\d+)$")
 
@@ -24,8 +26,21 @@ class PredictConfig(StageConfig):
     )
     features: Path | None = Field(
         None,
-        description="folder of existing feature files <slide_id>.h5 (slidemil, CLAM or TRIDENT) "
-        "made with the run's encoder; skips patching and extraction",
+        description="folder of existing feature files <slide_id>.h5 or .pt (slidemil, CLAM's "
+        "h5_files / pt_files or its --feat_dir, TRIDENT's features_<encoder>) made with the "
+        "run's encoder; skips patching and extraction",
+    )
+    patches: Path | None = Field(
+        None,
+        description="with --features: folder of the slides' patch files (CLAM <slide>.h5, "
+        "TRIDENT <slide>_patches.h5, or a folder holding patches/), to place the patches of "
+        "feature files that do not record their geometry (CLAM's), for heat maps",
+    )
+    patch_size_level0: float | None = Field(
+        None,
+        gt=0,
+        description="with --features: patch footprint in level-0 px for feature files that "
+        "have coordinates but no geometry (CLAM h5_files), for heat maps",
     )
     step: int | None = Field(
         None,
@@ -45,7 +60,28 @@ class PredictConfig(StageConfig):
         "(default: each stage's)",
     )
     shard: ShardSpec = Field(None, description="i/n: only every n-th slide from the i-th (SLURM)")
+    calibrate: Literal["none", "temperature"] = Field(
+        "none",
+        description="'temperature': divide each fold's logits by the temperature fitted by "
+        "`slidemil evaluate RUN --calibrate temperature` (fold_<k>/calibration.json)",
+    )
+    strict: bool = Field(
+        False,
+        description="refuse the cohort when any row is bad (slide, mask or feature file missing, "
+        "empty or unreadable) instead of recording it in failures.csv and going on",
+    )
     quiet: bool = Field(False, description="no progress bars")
+    reader: ReaderName = Field("auto", description=READER_HELP + " (patching and extraction)")
+
+    @model_validator(mode="after")
+    def _geometry_needs_features(self) -> PredictConfig:
+        given = [name for name in ("patches", "patch_size_level0") if getattr(self, name)]
+        if given and self.features is None:
+            raise ValueError(
+                f"{' and '.join(given)} place the patches of existing --features; raw slides "
+                "are patched with the run's own geometry"
+            )
+        return self
 
     @field_validator("model")
     @classmethod

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from slidemil.errors import ArtifactError, ConfigError
+from slidemil.errors import ArtifactError
 from slidemil.training.checkpoint import load_model_from_checkpoint
 
 
@@ -27,6 +27,7 @@ class FoldModel:
     mean: Tensor | None
     std: Tensor | None
     order: list[int]  # model output column of each run class
+    temperature: float | None = None  # logits / T (fold_<k>/calibration.json); None: raw
 
 
 @dataclass
@@ -43,15 +44,6 @@ class SlideInference:
         return self.probabilities.mean(axis=0)
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` is the first GPU when there is one, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(None, f"device {device!r} asked for but no CUDA GPU is visible")
-    return torch.device(device)
-
-
 class Ensemble:
     """Fold models that score bags together (a single fold is an ensemble of one)."""
 
@@ -63,6 +55,18 @@ class Ensemble:
     def names(self) -> list[str]:
         return [fold.name for fold in self.folds]
 
+    @property
+    def temperatures(self) -> dict[str, float | None]:
+        """Fold name -> the temperature its logits are divided by (``None``: uncalibrated)."""
+        return {fold.name: fold.temperature for fold in self.folds}
+
+    @property
+    def calibration(self) -> str:
+        """``"temperature"`` when every fold's probabilities are temperature-scaled, else
+        ``"none"`` (recorded with each prediction)."""
+        calibrated = all(fold.temperature is not None for fold in self.folds)
+        return "temperature" if calibrated else "none"
+
     @classmethod
     def load(
         cls,
@@ -70,8 +74,16 @@ class Ensemble:
         class_names: tuple[str, ...],
         feature_dim: int,
         device: torch.device,
+        *,
+        calibrate: bool = False,
     ) -> Ensemble:
-        """Load every checkpoint; refuse ones that disagree with the run on D or the classes."""
+        """Load every checkpoint; refuse ones that disagree with the run on D or the classes.
+
+        ``calibrate=True`` applies each fold's temperature from the ``calibration.json`` next
+        to its checkpoint (an :class:`ArtifactError` if a fold has none or a stale one).
+        """
+        from slidemil.evaluation.calibration_file import load_temperature
+
         folds = []
         for name, path in checkpoints.items():
             model, state = load_model_from_checkpoint(path, device)
@@ -90,7 +102,8 @@ class Ensemble:
                 mean = torch.as_tensor(standardization["mean"], dtype=torch.float32).to(device)
                 std = torch.as_tensor(standardization["std"], dtype=torch.float32).to(device)
             order = [stored.index(c) for c in class_names]
-            folds.append(FoldModel(name, model.eval(), mean, std, order))
+            temperature = load_temperature(path.parent) if calibrate else None
+            folds.append(FoldModel(name, model.eval(), mean, std, order, temperature))
         return cls(folds, device)
 
     def infer(self, features: np.ndarray) -> SlideInference:
@@ -110,7 +123,8 @@ class Ensemble:
                     x.sub_(fold.mean).div_(fold.std)
                 logits, weights, raw = fold.model(x[None], mask, return_scores=True)
                 del x
-                p = torch.softmax(logits.float(), dim=-1)[0, fold.order]
+                temperature = 1.0 if fold.temperature is None else fold.temperature
+                p = torch.softmax(logits.float() / temperature, dim=-1)[0, fold.order]
                 probabilities.append(p.cpu().numpy())
                 attention.append(weights[0].float().cpu().numpy())
                 scores.append(raw[0].float().cpu().numpy())

@@ -25,16 +25,19 @@ import pandas as pd
 from slidemil import atomic
 from slidemil.cohort import Cohort, SlideRecord, load_cohort
 from slidemil.config import build, write_resolved
-from slidemil.errors import ConfigError
+from slidemil.deployment.exported_run import ExportedRun
+from slidemil.devices import resolve_device
+from slidemil.errors import ConfigError, SlidemilError
 from slidemil.formats.attention_file import (
     AttentionMap,
     is_complete_attention_file,
     read_attention_attrs,
     write_attention_file,
 )
+from slidemil.formats.prediction_table import PROB_PREFIX
 from slidemil.prediction.bags import read_slide_bag
 from slidemil.prediction.config import PredictConfig
-from slidemil.prediction.ensemble import Ensemble, resolve_device
+from slidemil.prediction.ensemble import Ensemble
 from slidemil.prediction.sources import (
     FeatureSource,
     existing_features,
@@ -45,7 +48,6 @@ from slidemil.prediction.trained_run import TrainedRun
 from slidemil.runner import RunSummary, Shard, Task, run_per_slide
 
 CONFIG_NAME = "predict_config.yaml"
-PROB_PREFIX = "prob_"
 
 
 @dataclass
@@ -93,18 +95,29 @@ def predict(
             "drop --features to re-infer with overlapping patches",
         )
     out = Path(out)
-    run = TrainedRun.open(run_dir)
+    # a folder written by `slidemil export` stands in for the run folder
+    exported = ExportedRun.is_export(run_dir)
+    run = ExportedRun.open(run_dir) if exported else TrainedRun.open(run_dir)
     checkpoints = run.checkpoints(config.model)
     raw = config.features is None
     if raw:
         recorded_stages(run)  # before any work: can new slides be processed like the run's?
-    cohort = load_cohort(slides_csv, require_labels=False, check_files=raw)
-    _check_same_predictions(out, run, list(checkpoints))
+    # a missing or unreadable slide is a bad row (failures.csv), not a cohort error
+    cohort = load_cohort(slides_csv, require_labels=False, check_files=False)
+    _check_same_predictions(out, run, list(checkpoints), config.calibrate)
     device = resolve_device(config.device)
-    ensemble = Ensemble.load(checkpoints, run.class_names, run.feature_dim, device)
+    if exported:
+        ensemble = run.ensemble(device, config.calibrate)
+    else:
+        ensemble = Ensemble.load(
+            checkpoints, run.class_names, run.feature_dim, device,
+            calibrate=config.calibrate == "temperature",
+        )  # fmt: skip
 
     if config.features is not None:
-        source = existing_features(Path(config.features), run)
+        source = existing_features(
+            Path(config.features), run, config.patches, config.patch_size_level0
+        )
     else:
         source = features_from_slides(Path(slides_csv), out, run, config)
     write_resolved(out / CONFIG_NAME, {"predict": config, **source.stages})
@@ -118,9 +131,14 @@ def predict(
     def is_done(task: Task) -> bool:
         return is_complete_attention_file(attention_dir / f"{task.slide_id}.h5")
 
+    def input_problem(task: Task) -> SlidemilError | None:
+        path = source.feature_path(task.slide_id)
+        return None if path.is_file() else source.missing(task.slide_id, path)
+
     summary = run_per_slide(
-        "predict", tasks, predictor, out_dir=out, is_done=is_done, workers=1, quiet=config.quiet
-    )
+        "predict", tasks, predictor, out_dir=out, is_done=is_done, workers=1, quiet=config.quiet,
+        check=input_problem, strict=config.strict, source=slides_csv,
+    )  # fmt: skip
     table = prediction_table(cohort, attention_dir, run.class_names)
     atomic.write_csv(out / "predictions.csv", table)
     return PredictSummary(summary, table, out)
@@ -133,12 +151,12 @@ class SlidePredictor:
         self.run, self.ensemble, self.source, self.out = run, ensemble, source, out
 
     def __call__(self, slide_id: str, record: SlideRecord) -> int:
-        path = self.source.folder / f"{slide_id}.h5"
+        path = self.source.feature_path(slide_id)
         if not path.is_file():
             raise self.source.missing(slide_id, path)
         bag = read_slide_bag(
-            path, record.path, record.slide_mpp,
-            feature_dim=self.run.feature_dim, identity=self.source.identity,
+            path, record.path, record.slide_mpp, feature_dim=self.run.feature_dim,
+            identity=self.source.identity, hints=self.source.hints,
         )  # fmt: skip
         result = self.ensemble.infer(bag.features)
         probabilities = result.mean_probabilities
@@ -155,6 +173,8 @@ class SlidePredictor:
                 for name, row in zip(self.ensemble.names, result.probabilities, strict=True)
             },
             "predicted": names[int(np.argmax(probabilities))],
+            "calibration": self.ensemble.calibration,
+            "temperatures": self.ensemble.temperatures,
             "n_patches": len(bag.coords),
             "run": str(self.run.path),
             "features": str(path),
@@ -187,16 +207,20 @@ def prediction_table(
         for name in class_names:
             row[f"{PROB_PREFIX}{name}"] = attrs["probabilities"][stored.index(name)]
         row["predicted"] = attrs.get("predicted")
+        row["calibration"] = attrs.get("calibration", "none")
         row["n_patches"] = attrs.get("n_patches")
         rows.append(row)
     columns = ["slide_id", "patient_id", *(["label"] if with_labels else [])]
-    columns += [f"{PROB_PREFIX}{c}" for c in class_names] + ["predicted", "n_patches"]
+    columns += [f"{PROB_PREFIX}{c}" for c in class_names] + ["predicted", "calibration"]
+    columns.append("n_patches")
     return pd.DataFrame(rows, columns=columns)
 
 
-def _check_same_predictions(out: Path, run: TrainedRun, models: list[str]) -> None:
-    """Refuse to mix predictions of another run or model choice in one folder (a rerun with the
-    same ones resumes)."""
+def _check_same_predictions(
+    out: Path, run: TrainedRun, models: list[str], calibration: str = "none"
+) -> None:
+    """Refuse to mix predictions of another run, model choice or calibration in one folder (a
+    rerun with the same ones resumes)."""
     folder = out / "attention"
     for path in sorted(folder.glob("*.h5")) if folder.is_dir() else []:
         if atomic.is_temp_file(path) or not is_complete_attention_file(path):
@@ -207,6 +231,13 @@ def _check_same_predictions(out: Path, run: TrainedRun, models: list[str]) -> No
                 out,
                 f"holds predictions of run {attrs.get('run')} with {attrs.get('models')}, not "
                 f"{run.path} with {models}",
+                "use a new --out folder",
+            )
+        if attrs.get("calibration", "none") != calibration:
+            raise ConfigError(
+                out,
+                f"holds predictions with calibration {attrs.get('calibration', 'none')!r}, not "
+                f"{calibration!r}",
                 "use a new --out folder",
             )
         return

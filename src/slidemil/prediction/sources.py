@@ -13,28 +13,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from slidemil import errors
 from slidemil.config import StageConfig, build, read_yaml
 from slidemil.errors import ArtifactError, ConfigError, SlidemilError
+from slidemil.formats.feature_file import FEATURE_IDENTITY_KEYS
+from slidemil.formats.foreign_features import feature_folder, find_feature_file
+from slidemil.prediction.bags import GeometryHints
 from slidemil.prediction.config import PredictConfig
 from slidemil.prediction.trained_run import RUN_FILE, TrainedRun
-from slidemil.runner import read_failures
+from slidemil.runner import earlier_failure, read_failures
 
 # Options of the recorded stages that only change how a run goes; prediction sets its own.
-PATCH_RUNTIME = ("workers", "quiet", "shard", "overwrite")
-EXTRACT_RUNTIME = ("device", "batch_size", "workers", "quiet", "shard")
-# Identity fields compared between the training features and new ones.
-IDENTITY_KEYS = ("encoder", "weights_identity", "dtype", "transform")
+PATCH_RUNTIME = ("workers", "quiet", "shard", "overwrite", "reader")
+EXTRACT_RUNTIME = ("device", "batch_size", "workers", "quiet", "shard", "reader", "decode")
 
 
 @dataclass
 class FeatureSource:
-    """The folder of ``<slide_id>.h5`` bags to predict from, and why slides have none."""
+    """The folder of ``<slide_id>.h5`` (or ``.pt``) bags to predict from, why slides have
+    none, and where to find the patch geometry the bags do not record."""
 
     folder: Path
     identity: dict[str, Any] | None = None
     upstream: dict[str, dict[str, str]] = field(default_factory=dict)  # slide id -> failure
     stages: dict[str, StageConfig] = field(default_factory=dict)  # resolved patch / extract
+    hints: GeometryHints = field(default_factory=GeometryHints)
+
+    def feature_path(self, slide_id: str) -> Path:
+        """The slide's bag: ``<slide_id>.h5``, else ``<slide_id>.pt`` (CLAM ``pt_files``)."""
+        return find_feature_file(self.folder, slide_id)
 
     def missing(self, slide_id: str, path: Path) -> SlidemilError:
         """The error for a slide without a feature file: its patching or extraction failure."""
@@ -43,26 +49,25 @@ class FeatureSource:
             return ArtifactError(
                 path, "feature file not found", "extract it, or leave the slide out of the CSV"
             )
-        kind = _ERRORS_BY_REASON.get(record.get("reason", ""), SlidemilError)
-        return kind(None, f"{record.get('stage', 'an earlier stage')}: {record.get('error', '')}")
+        return earlier_failure(record)
 
 
-def _error_classes() -> dict[str, type[SlidemilError]]:
-    found = {}
-    for name in dir(errors):
-        value = getattr(errors, name)
-        if isinstance(value, type) and issubclass(value, SlidemilError):
-            found[value.reason] = value
-    return found
-
-
-_ERRORS_BY_REASON = _error_classes()
-
-
-def existing_features(folder: Path, run: TrainedRun) -> FeatureSource:
+def existing_features(
+    folder: Path,
+    run: TrainedRun,
+    patches: Path | None = None,
+    patch_size_level0: float | None = None,
+) -> FeatureSource:
+    """A folder of existing bags (a CLAM ``--feat_dir`` is read from its ``h5_files/``, else
+    its ``pt_files/``), with where the patch geometry comes from when the bags lack it."""
     if not folder.is_dir():
         raise ConfigError(folder, "features folder not found", "give a folder of <slide_id>.h5")
-    return FeatureSource(folder.resolve(), run.identity())
+    if patches is not None and not Path(patches).is_dir():
+        raise ConfigError(
+            patches, "patches folder not found", "give the folder of the slides' patch files"
+        )
+    hints = GeometryHints(None if patches is None else Path(patches).resolve(), patch_size_level0)
+    return FeatureSource(feature_folder(folder).resolve(), run.identity(), hints=hints)
 
 
 def recorded_stages(run: TrainedRun) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -95,13 +100,18 @@ def features_from_slides(
         patch_options["step"] = config.step
     workers = config.workers
     patch_options.update(
-        workers=None if workers is None else max(1, workers), quiet=config.quiet, shard=config.shard
-    )
+        workers=None if workers is None else max(1, workers), quiet=config.quiet,
+        shard=config.shard, strict=config.strict, reader=config.reader,
+    )  # fmt: skip
     patch_config = _recorded(PatchConfig, "patch", patch_options, run)
     extract_options = _without(recorded_extract["extract"], EXTRACT_RUNTIME)
+    # Hub weights: load the very commit the training features came from, not today's main.
+    commit = hub_commit((recorded_extract.get("identity") or {}).get("weights_identity"))
+    if commit is not None:
+        extract_options["revision"] = commit
     extract_options.update(
         device=config.device, batch_size=config.batch_size, workers=workers,
-        quiet=config.quiet, shard=config.shard,
+        quiet=config.quiet, shard=config.shard, strict=config.strict, reader=config.reader,
     )  # fmt: skip
     extract_config = _recorded(ExtractConfig, "extract", extract_options, run)
 
@@ -117,6 +127,12 @@ def features_from_slides(
     return FeatureSource(
         folder, identity, upstream, {"patch": patch_config, "extract": extract_config}
     )
+
+
+def hub_commit(weights_identity: str | None) -> str | None:
+    """The commit hash of a Hugging Face weights identity (``hf-hub:<repo>@<commit>``)."""
+    head, at, commit = str(weights_identity or "").rpartition("@")
+    return commit if at and head.startswith(("hf-hub:", "hf:", "hf-file:")) else None
 
 
 def _without(options: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
@@ -140,7 +156,9 @@ def _check_same_identity(folder: Path, identity: dict | None, run: TrainedRun) -
     if identity is None or not record.is_file():
         return
     now = read_yaml(record).get("identity") or {}
-    changed = [k for k in IDENTITY_KEYS if k in identity and k in now and identity[k] != now[k]]
+    changed = [
+        k for k in FEATURE_IDENTITY_KEYS if k in identity and k in now and identity[k] != now[k]
+    ]
     if changed:
         shown = ", ".join(f"{k}: {identity[k]} -> {now[k]}" for k in changed)
         raise ConfigError(

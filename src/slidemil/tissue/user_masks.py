@@ -1,7 +1,9 @@
 """User tissue masks: a binary image at any downsample of the slide, or polygons in level-0 px.
 
-* PNG / TIFF / JPEG: non-zero = tissue. Its downsample is inferred from its size against the
-  slide's level-0 size, so a mask saved at 1/32 or at full size both work; both axes must agree.
+* PNG / TIFF / JPEG / BMP of any common mode (1-bit, grey, RGB, RGBA, grey + alpha, palette;
+  the rules are in :mod:`slidemil.tissue.mask_image`). Its downsample is inferred from its size
+  against the slide's level-0 size, so a mask saved at 1/32 or at full size both work; both axes
+  must agree. Large masks are read reduced, with bounded memory.
 * GeoJSON (``.geojson`` / ``.json``, as QuPath exports): ``Polygon`` and ``MultiPolygon``
   geometries (a ``FeatureCollection``, a list of features, one feature or a bare geometry), with
   level-0 px coordinates; interior rings are holes.
@@ -15,17 +17,15 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import tifffile
 
 from slidemil.errors import MaskError
+from slidemil.tissue.mask_image import read_mask_image
 from slidemil.tissue.segmentation import TissueMask, outlines_of
 
 IMAGE_SUFFIXES = {".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp"}
 POLYGON_SUFFIXES = {".geojson", ".json"}
 # Relative disagreement allowed between the x and y downsamples (sizes were rounded).
 ASPECT_TOLERANCE = 0.02
-# Masks larger than this (longer side, px) are reduced: patch selection needs no finer.
-MAX_MASK_SIDE = 4096
 
 
 def load_user_mask(
@@ -53,12 +53,7 @@ def load_user_mask(
 
 
 def _image_mask(path: Path, slide_dimensions: tuple[int, int]) -> TissueMask:
-    image = _read_image(path)
-    if image.ndim == 3:
-        image = image.max(axis=2)
-    if image.ndim != 2 or image.size == 0:
-        raise MaskError(path, f"expected a 2-D binary image, got shape {image.shape}")
-    height, width = image.shape
+    mask, cell, (width, height) = read_mask_image(path)
     slide_w, slide_h = slide_dimensions
     ds_x, ds_y = slide_w / width, slide_h / height
     same_aspect = abs(ds_x - ds_y) <= ASPECT_TOLERANCE * max(ds_x, ds_y)
@@ -69,30 +64,13 @@ def _image_mask(path: Path, slide_dimensions: tuple[int, int]) -> TissueMask:
             f"(downsamples {ds_x:.3g} and {ds_y:.3g} differ)",
             "save the mask with the slide's aspect ratio, at any downsample",
         )
-    mask = image > 0
-    downsample = (ds_x + ds_y) / 2
-    if max(width, height) > MAX_MASK_SIDE:
-        factor = max(width, height) / MAX_MASK_SIDE
-        size = (max(1, round(width / factor)), max(1, round(height / factor)))
-        reduced = cv2.resize(mask.astype(np.float32), size, interpolation=cv2.INTER_AREA)
-        mask = reduced >= 0.5
-        downsample = (slide_w / size[0] + slide_h / size[1]) / 2
     if not mask.any():
-        raise MaskError(path, "mask has no tissue (all pixels are zero)")
+        raise MaskError(
+            path, "mask has no tissue (no pixel counts as tissue; see docs/patching.md)"
+        )
+    downsample = cell * (ds_x + ds_y) / 2
     contours, holes = outlines_of(mask, downsample)
     return TissueMask(mask, float(downsample), contours, holes, source=str(path))
-
-
-def _read_image(path: Path) -> np.ndarray:
-    try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            return np.asarray(tifffile.imread(path))
-        image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    except (OSError, ValueError, tifffile.TiffFileError) as e:
-        raise MaskError(path, f"cannot read the mask image: {e}") from e
-    if image is None:
-        raise MaskError(path, "cannot read the mask image (corrupt or not an image)")
-    return image
 
 
 def _polygon_mask(path: Path, slide_dimensions: tuple[int, int], size: int) -> TissueMask:

@@ -1,6 +1,7 @@
 """Bags of patch features for training: probing files, the dataset, padding and standardisation.
 
-A bag is read from its HDF5 feature file on every access, or held in RAM (``cache``). In training
+A bag is read from its feature file on every access, or held in RAM (``cache``): slidemil's,
+CLAM's and TRIDENT's HDF5 files and CLAM's (or TRIDENT's) ``.pt`` bags alike. In training
 at most ``max_patches`` instances are drawn per bag, afresh each epoch but reproducibly from
 ``(seed, epoch, bag)``, so a resumed run sees the same draws as an uninterrupted one.
 """
@@ -8,6 +9,7 @@ at most ``max_patches`` instances are drawn per bag, afresh each epoch but repro
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +17,9 @@ import h5py
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from slidemil.errors import ArtifactError
+from slidemil.formats.foreign_features import pt_feature_shape, read_pt_features
 
 log = logging.getLogger(__name__)
 
@@ -31,17 +36,26 @@ class BagInfo:
 
 
 def probe_feature_file(slide_id: str, path: Path) -> BagInfo | str:
-    """The file's shape without reading the features, or why it cannot be used."""
+    """The file's shape without reading the features, or why it cannot be used (``.h5`` of
+    slidemil, CLAM or TRIDENT; ``.pt`` of CLAM or TRIDENT)."""
     if not path.is_file():
         return "feature file missing"
-    try:
-        with h5py.File(path, "r") as f:
-            if "features" not in f:
-                return "no 'features' dataset"
-            shape = f["features"].shape
-            itemsize = f["features"].dtype.itemsize
-    except (OSError, KeyError, ValueError) as e:
-        return f"unreadable: {e}".replace("\n", " ")
+    if path.suffix == ".pt":
+        try:
+            shape, itemsize = pt_feature_shape(path)
+        except ArtifactError as e:
+            return e.problem.replace("\n", " ")
+    else:
+        try:
+            with h5py.File(path, "r") as f:
+                if "features" not in f:
+                    return "no 'features' dataset"
+                shape = f["features"].shape
+                itemsize = f["features"].dtype.itemsize
+        except (OSError, KeyError, ValueError) as e:
+            return f"unreadable: {e}".replace("\n", " ")
+    if tuple(shape) == (0,):  # TRIDENT's bag of a slide without tissue: width unknown
+        return "no instances (empty bag)"
     if len(shape) != 2:
         return f"'features' is not 2-D: {shape}"
     if shape[0] == 0:
@@ -55,6 +69,8 @@ def probe_feature_file(slide_id: str, path: Path) -> BagInfo | str:
 
 def read_bag(path: Path) -> np.ndarray:
     """All features of a bag, (N, D), in the stored dtype."""
+    if path.suffix == ".pt":
+        return read_pt_features(path)
     with h5py.File(path, "r") as f:
         return f["features"][:]
 
@@ -83,21 +99,62 @@ class Standardizer:
         return cls(np.asarray(state["mean"], np.float32), np.asarray(state["std"], np.float32))
 
 
-def fit_standardizer(bags: list[np.ndarray] | list[Path]) -> Standardizer:
-    """Mean and std over every instance of ``bags`` (arrays or feature files), in float64."""
-    total = None
-    total_sq = None
+# Rows per chunk of a bag while fitting: about 4 MiB of float64 whatever D is.
+_FIT_CHUNK_BYTES = 4 * 2**20
+
+
+def fit_standardizer(bags: Iterable[np.ndarray | Path]) -> Standardizer:
+    """Mean and population std (D,) over every instance of ``bags`` (arrays in RAM or feature
+    files), in float64 but a chunk of rows at a time: memory stays at a few MiB whatever the bag
+    sizes, and float16/float32 inputs neither overflow nor lose precision.
+
+    Chunks are merged with Chan et al.'s pairwise update of count, mean and sum of squared
+    deviations, which, unlike ``E[x²] - E[x]²``, stays exact for features whose mean is large
+    against their spread.
+    """
     count = 0
+    mean: np.ndarray | None = None
+    squares: np.ndarray | None = None  # sum of squared deviations from the mean
     for bag in bags:
-        values = (read_bag(bag) if isinstance(bag, Path) else bag).astype(np.float64)
-        total = values.sum(0) if total is None else total + values.sum(0)
-        total_sq = (values**2).sum(0) if total_sq is None else total_sq + (values**2).sum(0)
-        count += values.shape[0]
-    mean = total / count
-    var = np.maximum(total_sq / count - mean**2, 0.0)
+        for chunk in _row_chunks(bag):
+            values = chunk.astype(np.float64)
+            n = values.shape[0]
+            if n == 0:
+                continue
+            chunk_mean = values.mean(0)
+            chunk_squares = ((values - chunk_mean) ** 2).sum(0)
+            if mean is None or squares is None:
+                count, mean, squares = n, chunk_mean, chunk_squares
+                continue
+            delta = chunk_mean - mean
+            total = count + n
+            mean = mean + delta * (n / total)
+            squares = squares + chunk_squares + delta**2 * (count * n / total)
+            count = total
+    if mean is None or squares is None:
+        raise ValueError("cannot fit a standardiser on no instances")
+    var = squares / count
     # constant features would divide by zero; leave them centred but unscaled
     std = np.where(var > 1e-12, np.sqrt(var), 1.0)
     return Standardizer(mean.astype(np.float32), std.astype(np.float32))
+
+
+def _row_chunks(bag: np.ndarray | Path) -> Iterator[np.ndarray]:
+    """A bag's features (N, D), a block of rows at a time; an HDF5 file is read block by block."""
+    if isinstance(bag, Path) and h5py.is_hdf5(bag):
+        with h5py.File(bag, "r") as f:
+            features = f["features"]
+            batched = features.ndim == 3 and features.shape[0] == 1  # (1, N, D), as read_bag
+            n, dim = features.shape[-2:]
+            rows = max(1, _FIT_CHUNK_BYTES // (8 * max(1, dim)))
+            for start in range(0, n, rows):
+                block = slice(start, start + rows)
+                yield features[0, block] if batched else features[block]
+        return
+    values = read_bag(bag) if isinstance(bag, Path) else bag
+    rows = max(1, _FIT_CHUNK_BYTES // (8 * max(1, values.shape[1])))
+    for start in range(0, values.shape[0], rows):
+        yield values[start : start + rows]
 
 
 class BagDataset(Dataset):

@@ -2,9 +2,11 @@
 
 Keys: ``format_version, model_name, model_kwargs, model_state, optimizer_state, scheduler_state,
 scaler_state, rng_state, epoch, best_metric, best_epoch, epochs_without_improvement,
-best_val_loss, monitor, config, class_names, encoder, feature_dim, standardization
+best_val_loss, recent_monitored (the raw monitored values of the last ``smoothing - 1`` epochs),
+monitor, config, class_names, encoder, feature_dim, standardization
 ({"mean", "std"} tensors or None), class_weights (per-class loss weights or None), split
-({"train", "val", "test"} slide id lists), fold, slidemil_version``. Everything is a tensor or
+({"train", "val", "test"} slide id lists), fold, world_size (processes that trained it; a resume
+with another count is refused), slidemil_version``. Everything is a tensor or
 plain Python value, so ``torch.load(..., weights_only=True)`` reads it.
 """
 

@@ -10,6 +10,7 @@ from slidemil.config import Device, StageConfig
 
 Monitor = Literal["balanced_accuracy", "macro_auc", "macro_f1", "accuracy", "loss"]
 Schedule = Literal["cosine", "warmup-cosine", "plateau", "none"]
+Sampler = Literal["shuffle", "balanced"]
 
 # Options that may change between a killed run and its resumption without changing the result
 # (device and amp only change it by floating-point rounding).
@@ -60,8 +61,15 @@ class TrainConfig(StageConfig):
     grad_clip: float | None = Field(
         1.0, gt=0.0, description="clip the gradient norm to this; 0 or null: no clipping"
     )
-    class_weights: bool = Field(
-        True, description="weight the loss by total / (n_classes × count) of the training split"
+    class_weights: bool | None = Field(
+        None,
+        description="weight each bag's loss by total / (n_classes × count) of its class in the "
+        "training split; null: on with --sampler shuffle, off with --sampler balanced",
+    )
+    sampler: Sampler = Field(
+        "shuffle",
+        description="training bag order per epoch: shuffle (each bag once) or balanced (bags drawn "
+        "with replacement, each class equally often)",
     )
     standardize: bool = Field(
         True, description="standardise features with mean/std of the training split"
@@ -72,7 +80,22 @@ class TrainConfig(StageConfig):
         "balanced_accuracy, macro_auc, macro_f1, accuracy or loss",
     )
     patience: int | None = Field(
-        10, ge=1, description="stop after this many epochs without improvement; 0 or null: never"
+        20,
+        ge=1,
+        description="stop after this many epochs without improvement (from min_epochs on); "
+        "0 or null: never",
+    )
+    min_epochs: int = Field(
+        30,
+        ge=0,
+        description="no early stop before this epoch, and the best epoch is chosen from this "
+        "epoch on (earlier ones only when the run ends before it)",
+    )
+    smoothing: int = Field(
+        5,
+        ge=1,
+        description="epochs averaged (trailing mean) into the monitored value that picks the best "
+        "epoch; 1: the raw value",
     )
     seed: int = Field(0, ge=0, description="random seed (splits, initial weights, sampling)")
     # runtime
@@ -104,6 +127,24 @@ class TrainConfig(StageConfig):
         if value[0] <= 0 or value[1] <= 0:
             raise ValueError("the train and val fractions must be positive")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _class_weights_follow_the_sampler(cls, data: Any) -> Any:
+        # Resolved here, so config.yaml records what the run did.
+        if isinstance(data, dict) and data.get("class_weights") is None:
+            data = {**data, "class_weights": data.get("sampler", "shuffle") != "balanced"}
+        return data
+
+    @model_validator(mode="after")
+    def _one_imbalance_correction(self) -> TrainConfig:
+        if self.class_weights and self.sampler == "balanced":
+            raise ValueError(
+                "class_weights and sampler=balanced both correct for class imbalance, and together "
+                "they over-correct it (the rare classes weigh count-ratio² times more): choose "
+                "one, --no-class-weights or --sampler shuffle"
+            )
+        return self
 
     @model_validator(mode="after")
     def _fold_in_range(self) -> TrainConfig:

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from slidemil.errors import ConfigError, SlidemilError
+from slidemil.devices import resolve_device
+from slidemil.errors import SlidemilError
 
 T = TypeVar("T")
 
@@ -43,30 +44,6 @@ class DistContext:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_device(name: str, local_rank: int = 0, world_size: int = 1) -> torch.device:
-    """``auto`` -> this rank's GPU when there is one, else the CPU; ``cuda`` -> cuda:LOCAL_RANK."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(None, f"device {name!r} requested but CUDA is not available")
-    if name != "cuda":
-        if world_size > 1 and name.startswith("cuda:"):
-            # every rank would share one GPU: NCCL refuses, and the ranks would compete for it
-            raise ConfigError(
-                None,
-                f"device {name!r} under torchrun puts every rank on one GPU",
-                "use --device cuda (each rank takes cuda:LOCAL_RANK), or CUDA_VISIBLE_DEVICES",
-            )
-        return torch.device(name)
-    if local_rank >= torch.cuda.device_count():
-        raise ConfigError(
-            None,
-            f"LOCAL_RANK {local_rank} has no GPU: only {torch.cuda.device_count()} visible",
-            "start at most one process per GPU (torchrun --nproc_per_node)",
-        )
-    return torch.device("cuda", local_rank)
 
 
 def setup_distributed(device: str = "auto") -> DistContext:

@@ -23,12 +23,12 @@ import pandas as pd
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm.auto import tqdm
 
 from slidemil import __version__, atomic
 from slidemil.errors import ConfigError
-from slidemil.evaluation.metrics import SCALAR_METRICS, AbsentClassWarning
+from slidemil.evaluation.metrics import SCALAR_METRICS, AbsentClassWarning, json_number
 from slidemil.models import build_model, get_model_entry
 from slidemil.training.bags import BagDataset, Standardizer, fit_standardizer, pad_bags
 from slidemil.training.checkpoint import (
@@ -45,6 +45,7 @@ from slidemil.training.distributed import (
     on_main,
 )
 from slidemil.training.loop import (
+    BagLoss,
     EarlyStopping,
     build_scheduler,
     class_weights,
@@ -54,6 +55,7 @@ from slidemil.training.loop import (
     train_one_epoch,
 )
 from slidemil.training.predictions import part_metrics, prediction_table, undefined_metrics
+from slidemil.training.sampling import training_sampler
 
 if TYPE_CHECKING:
     from slidemil.training.run import TrainData
@@ -123,11 +125,11 @@ def train_fold(
     device = context.device
     use_amp = config.amp and device.type == "cuda"
     train_set, val_set = dataset("train", True), dataset("val", False)
-    # Each rank takes every world_size-th bag of one shuffled order; the sampler repeats a few
-    # bags so that all ranks run the same number of steps (DDP needs that).
-    sampler = DistributedSampler(
-        train_set, num_replicas=context.world_size, rank=context.rank, shuffle=True,
-        seed=config.seed + fold,
+    # Each rank takes every world_size-th bag of one order per epoch, all ranks the same number
+    # of steps (DDP needs that).
+    sampler = training_sampler(
+        train_set, train_set.labels, config, fold,
+        world_size=context.world_size, rank=context.rank,
     )  # fmt: skip
     train_loader = _loader(train_set, config, data, device, sampler, config.batch_size)
     val_loader = _loader(val_set, config, data, device, _shard(val_set, context))
@@ -143,8 +145,8 @@ def train_fold(
     scheduler = build_scheduler(optimizer, config)
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
     weights = class_weights(train_set.labels, len(names)) if config.class_weights else None
-    loss_fn = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device))
-    stopper = EarlyStopping(config.monitor != "loss", config.patience)
+    loss_fn = BagLoss(None if weights is None else weights.to(device))
+    stopper = _early_stopping(config)
 
     static = {
         "model_name": config.model,
@@ -158,6 +160,8 @@ def train_fold(
         "class_weights": None if weights is None else weights.tolist(),
         "split": parts,
         "fold": fold,
+        # another process count changes the shards, the effective batch and the dropout seeds
+        "world_size": context.world_size,
         "slidemil_version": __version__,
     }
     latest = fold_dir / "checkpoint_latest.pt"
@@ -172,13 +176,13 @@ def train_fold(
         if use_amp and state["scaler_state"]:  # a CPU run resumed on GPU has no scaler state
             scaler.load_state_dict(state["scaler_state"])
         restore_rng_state(state["rng_state"])
-        stopper = EarlyStopping(
-            config.monitor != "loss",
-            config.patience,
-            state["best_metric"],
-            state["best_epoch"],
-            state["epochs_without_improvement"],
-            state.get("best_val_loss", math.nan),
+        stopper = _early_stopping(
+            config,
+            best=state["best_metric"],
+            best_epoch=state["best_epoch"],
+            epochs_without_improvement=state["epochs_without_improvement"],
+            best_loss=state.get("best_val_loss", math.nan),
+            recent=list(state.get("recent_monitored", [])),
         )
         start_epoch = state["epoch"] + 1
 
@@ -210,6 +214,7 @@ def train_fold(
         monitored = val_loss if config.monitor == "loss" else metrics[config.monitor]
         lr = optimizer.param_groups[0]["lr"]
         step_scheduler(scheduler, monitored)
+        selected = stopper.smoothed(monitored)  # what picks the best epoch
         improved = stopper.update(monitored, epoch, val_loss)
         history.append(
             {
@@ -217,6 +222,7 @@ def train_fold(
                 "train_loss": train_loss,
                 "val_loss": val_loss,
                 **{f"val_{k}": metrics[k] for k in SCALAR_METRICS},
+                "val_selected": selected,
                 "lr": lr,
                 "seconds": round(time.perf_counter() - started, 3),
             }
@@ -235,6 +241,7 @@ def train_fold(
                 "best_epoch": stopper.best_epoch,
                 "epochs_without_improvement": stopper.epochs_without_improvement,
                 "best_val_loss": stopper.best_loss,
+                "recent_monitored": list(stopper.recent),
             }
         on_main(context, partial(_save_epoch, fold_dir, history, snapshot, improved))
         bar.set_postfix(
@@ -247,6 +254,16 @@ def train_fold(
         return None
     return _finish_fold(
         fold, fold_dir, parts, data, label_index, core, standardizer, config, context
+    )
+
+
+def _early_stopping(config: TrainConfig, **state: Any) -> EarlyStopping:
+    return EarlyStopping(
+        config.monitor != "loss",
+        config.patience,
+        min_epochs=config.min_epochs,
+        smoothing=config.smoothing,
+        **state,
     )
 
 
@@ -294,7 +311,7 @@ def _loader(
     config: TrainConfig,
     data: TrainData,
     device: torch.device,
-    sampler: DistributedSampler | None,
+    sampler: Sampler | None,
     batch_size: int = 1,
 ) -> DataLoader:
     # Inference runs bag by bag: all instances, no padding. Cached bags are already in RAM, and
@@ -358,6 +375,15 @@ def _check_resumable(path: Path, state: dict[str, Any], static: dict[str, Any]) 
             path,
             f"cannot resume: option(s) {', '.join(changed)} differ from the interrupted run",
             "use the same options, or a new --out folder",
+        )
+    saved_world, world = state.get("world_size"), static["world_size"]
+    if saved_world is not None and int(saved_world) != world:  # None: written before it was kept
+        raise ConfigError(
+            path,
+            f"cannot resume: the interrupted run used {saved_world} process(es), this one "
+            f"{world} (shards, effective batch and random draws would change)",
+            f"resume with {saved_world} process(es) (torchrun --nproc_per_node), or a new --out "
+            "folder",
         )
     if state["split"] != static["split"]:
         raise ConfigError(
@@ -451,13 +477,13 @@ def _write_results(fold, fold_dir, parts, tables, best, names, config) -> dict[s
     else:
         metrics = undefined_metrics(names)
     result = {
-        **{k: _json_number(v) for k, v in metrics.items()},
+        **{k: json_number(v) for k, v in metrics.items()},
         "n_train": len(parts["train"]),
         "n_val": len(parts["val"]),
         "n_test": len(parts["test"]),
         "best_epoch": int(best["epoch"]),
         "monitor": config.monitor,
-        "best_val": _json_number(best["best_metric"]),
+        "best_val": json_number(best["best_metric"]),
     }
     atomic.write_text(fold_dir / "metrics.json", json.dumps(result, indent=2))
     if not config.quiet:
@@ -466,7 +492,3 @@ def _write_results(fold, fold_dir, parts, tables, best, names, config) -> dict[s
         )
         tqdm.write(f"fold {fold}: test {shown or 'n/a'} (best epoch {int(best['epoch'])})")
     return result
-
-
-def _json_number(value: float) -> float | None:
-    return None if math.isnan(value) else float(value)

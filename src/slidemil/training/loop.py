@@ -1,4 +1,4 @@
-"""The epoch loop's parts: loss weights, schedules, early stopping, one training epoch, inference.
+"""The epoch loop's parts: the bag loss, schedules, early stopping, one training epoch, inference.
 
 Schedules step once per epoch, so their state is an epoch count and resumes exactly.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -24,6 +24,28 @@ def class_weights(label_indices: list[int] | np.ndarray, n_classes: int) -> torc
     total = counts.sum()
     weights = np.where(counts > 0, total / (n_classes * np.maximum(counts, 1)), 1.0)
     return torch.tensor(weights, dtype=torch.float32)
+
+
+class BagLoss(nn.Module):
+    """Cross-entropy per bag × the weight of its class, summed and divided by the number of bags.
+
+    Dividing by the bag count (not by the sum of the batch's weights, as
+    ``nn.CrossEntropyLoss(weight=...)`` does) makes the weights act at any batch size, one bag per
+    batch included; under shuffled sampling the mean weight of a bag is 1, so the loss keeps the
+    scale of the unweighted one. Under DDP each rank takes this mean over its own bags and the
+    gradients are averaged over ranks: the mean over all ``batch_size × world_size`` bags.
+    """
+
+    def __init__(self, weights: torch.Tensor | None = None):
+        super().__init__()
+        self.register_buffer("weights", weights)
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean weighted loss of ``logits`` (B, C) against class indices ``labels`` (B,)."""
+        per_bag = nn.functional.cross_entropy(logits, labels, reduction="none")
+        if self.weights is not None:
+            per_bag = per_bag * self.weights[labels]
+        return per_bag.mean()
 
 
 def build_scheduler(
@@ -64,31 +86,46 @@ def step_scheduler(scheduler, monitored: float) -> None:
 
 @dataclass
 class EarlyStopping:
-    """Tracks the best epoch by the monitored metric; ``should_stop`` after ``patience`` epochs
-    without improvement (None: never).
+    """Picks the best epoch by the monitored metric and decides when to stop.
 
-    A tie on the metric is broken by a lower validation loss: on a small validation set a rate
-    such as balanced accuracy saturates early, and the first epoch to reach it is rarely the best
-    model.
+    The value compared is the trailing mean of the last ``smoothing`` epochs' metric (NaN
+    epochs left out): on a validation part of a few slides, where one slide moves balanced
+    accuracy by several points, a single lucky epoch should not win. A tie (up to rounding) goes
+    to the lower validation loss (a rate such as balanced accuracy saturates early on a small
+    validation part, and the first epoch to reach it is rarely the best model). Epochs before
+    ``min_epochs`` may be best only until that epoch: the first epoch from ``min_epochs`` on is
+    best whatever came before, so a run that ends earlier still has a best epoch.
+    ``should_stop`` after ``patience`` epochs (None: never) without a new best, counted from
+    ``min_epochs`` on.
     """
 
     higher_is_better: bool
     patience: int | None
+    min_epochs: int = 0
+    smoothing: int = 1
     best: float = math.nan
     best_epoch: int = -1
     epochs_without_improvement: int = 0
     best_loss: float = math.nan
+    recent: list[float] = field(default_factory=list)  # the raw values of the last epochs
+
+    def smoothed(self, value: float) -> float:
+        """The value compared for an epoch whose raw metric is ``value``, given ``recent``."""
+        window = [v for v in [*self.recent, value][-self.smoothing :] if not math.isnan(v)]
+        return sum(window) / len(window) if window else math.nan
 
     def update(self, value: float, epoch: int, loss: float = math.nan) -> bool:
-        """Record this epoch's monitored ``value`` and validation ``loss``; True when it is the
-        new best (the first epoch always is)."""
-        if self.best_epoch < 0:
+        """Record this epoch's raw monitored ``value`` and validation ``loss``; True when it is
+        the new best (the first epoch, and the first from ``min_epochs`` on, always are)."""
+        raw, value = value, self.smoothed(value)
+        self.recent = [*self.recent, raw][-(self.smoothing - 1) :] if self.smoothing > 1 else []
+        if self.best_epoch < 0 or epoch == self.min_epochs:
             improved = True
         elif math.isnan(value):
             improved = False
         elif math.isnan(self.best):
             improved = True
-        elif value == self.best:
+        elif math.isclose(value, self.best, rel_tol=1e-9, abs_tol=1e-12):  # rounding of means
             improved = not math.isnan(loss) and (
                 math.isnan(self.best_loss) or loss < self.best_loss
             )
@@ -97,7 +134,7 @@ class EarlyStopping:
         if improved:
             self.best, self.best_epoch, self.best_loss = value, epoch, loss
             self.epochs_without_improvement = 0
-        else:
+        elif epoch >= self.min_epochs:
             self.epochs_without_improvement += 1
         return improved
 
@@ -177,12 +214,11 @@ def predict(
 def mean_loss(
     probabilities: np.ndarray, label_indices: np.ndarray, weights: torch.Tensor | None
 ) -> float:
-    """(Class-weighted) cross-entropy of predicted probabilities, as the training loss has it."""
+    """The training loss (:class:`BagLoss`) of predicted probabilities (n, C): cross-entropy per
+    bag × its class weight, averaged over the n bags."""
     log_p = torch.log(torch.from_numpy(probabilities).double().clamp_min(1e-12))
-    return float(
-        nn.functional.nll_loss(
-            log_p,
-            torch.from_numpy(np.asarray(label_indices, dtype=np.int64)),
-            weight=None if weights is None else weights.double(),
-        )
-    )
+    labels = torch.from_numpy(np.asarray(label_indices, dtype=np.int64))
+    per_bag = nn.functional.nll_loss(log_p, labels, reduction="none")
+    if weights is not None:
+        per_bag = per_bag * weights.double()[labels]
+    return float(per_bag.mean())

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from slidemil.evaluation.metrics import SCALAR_METRICS, AbsentClassWarning, compute_metrics
+from slidemil.formats.prediction_table import probability_columns
 
 
 def prediction_table(
@@ -36,8 +37,8 @@ def prediction_table(
             "fold": fold,
         }
     )
-    for k, name in enumerate(class_names):
-        table[f"prob_{name}"] = probabilities[:, k]
+    for k, column in enumerate(probability_columns(class_names)):
+        table[column] = probabilities[:, k]
     table["predicted"] = [class_names[i] for i in probabilities.argmax(axis=1)]
     return table
 

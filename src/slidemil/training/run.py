@@ -30,6 +30,7 @@ from slidemil import __version__, atomic
 from slidemil.cohort import Cohort, load_cohort
 from slidemil.config import build, read_yaml, write_resolved
 from slidemil.errors import ArtifactError, CohortError, ConfigError
+from slidemil.formats.foreign_features import feature_folder, find_feature_file
 from slidemil.models import get_model_entry
 from slidemil.training.bags import BagInfo, load_cache, probe_feature_file
 from slidemil.training.config import ZERO_MEANS_NONE, TrainConfig
@@ -83,6 +84,10 @@ def train(
     **options: Any,
 ) -> TrainResult:
     """Train MIL models on ``work/features/<encoder>/`` bags labelled by ``work/cohort.csv``.
+
+    A bag is ``<slide_id>.h5`` (slidemil, CLAM, TRIDENT) or ``<slide_id>.pt`` (CLAM); a folder
+    of another tool's features is linked or copied in as ``work/features/<name>/`` (a CLAM
+    ``--feat_dir`` is read from its ``h5_files/``, else its ``pt_files/``).
 
     Options are :class:`TrainConfig` fields (``train("work", "runs/exp1", folds=5)``); a YAML
     ``config_file``'s ``train`` section supplies defaults, and keyword options win over it (and
@@ -157,11 +162,12 @@ def load_train_data(work: Path, config: TrainConfig, *, warn: bool = True) -> Tr
             f"only one class ({', '.join(cohort.class_names)}): a classifier needs two or more",
         )
     encoder = resolve_encoder(work, config.encoder)
-    folder = work / "features" / encoder
+    # a linked CLAM --feat_dir is read from its h5_files/ (or pt_files/)
+    folder = feature_folder(work / "features" / encoder)
     bags: dict[str, BagInfo] = {}
     excluded: dict[str, str] = {}
     for record in cohort:
-        probed = probe_feature_file(record.slide_id, folder / f"{record.slide_id}.h5")
+        probed = probe_feature_file(record.slide_id, find_feature_file(folder, record.slide_id))
         if isinstance(probed, str):
             excluded[record.slide_id] = probed
         else:
