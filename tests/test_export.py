@@ -120,6 +120,31 @@ def test_predict_from_an_export_equals_predict_from_the_run(toy_export, tmp_path
     assert np.abs(run_attention - export_attention).max() < TOLERANCE
 
 
+def test_cli_predicts_from_an_export_given_as_model(toy_export, tmp_path):
+    """`slidemil predict --model model/ new.csv`: the export stands where the run would."""
+    from typer.testing import CliRunner
+
+    from slidemil.cli import commands  # noqa: F401  (registers the commands)
+    from slidemil.cli.app import app
+
+    work, run_dir, model_dir = toy_export
+    csv = _slides_csv(work, tmp_path / "slides.csv")
+    features = work / "features" / "toy"
+    args = ["--features", str(features), "--quiet"]
+    runner = CliRunner()
+    result = runner.invoke(
+        app, ["predict", "--model", str(model_dir), str(csv), "--out", str(tmp_path / "m"), *args]
+    )
+    assert result.exit_code == 0, result.output
+    expected = predict(run_dir, csv, tmp_path / "r", features=features, quiet=True).predictions
+    got = pd.read_csv(tmp_path / "m" / "predictions.csv")
+    probs = [c for c in expected.columns if c.startswith("prob_")]
+    assert np.abs(got[probs].to_numpy() - expected[probs].to_numpy()).max() < 1e-5
+    alone = runner.invoke(app, ["predict", str(csv), "--out", str(tmp_path / "x"), *args])
+    message = " ".join(alone.output.replace("│", " ").split())  # unwrap rich's error box
+    assert alone.exit_code == 2 and "--model pointing at an export folder" in message
+
+
 def test_model_json_and_card_describe_the_model(toy_export):
     _, run_dir, model_dir = toy_export
     record = json.loads((model_dir / "model.json").read_text())

@@ -19,6 +19,7 @@ import numpy as np
 from slidemil.errors import MissingMppError
 from slidemil.readers.choice import ReaderName, pick_reader
 from slidemil.readers.patches import read_patches, resize_patch
+from slidemil.readers.pixels import to_float
 
 PROPERTY_OBJECTIVE_POWER = "openslide.objective-power"
 PROPERTY_VENDOR = "openslide.vendor"
@@ -121,7 +122,7 @@ class Slide:
     @property
     def objective_power(self) -> float | None:
         """Scanning magnification from metadata (e.g. 20 or 40), or ``None``."""
-        return _to_float(self.properties.get(PROPERTY_OBJECTIVE_POWER))
+        return to_float(self.properties.get(PROPERTY_OBJECTIVE_POWER))
 
     def mpp_for_magnification(self, magnification: float) -> float:
         """µm/px that corresponds to ``magnification`` on this slide.
@@ -254,13 +255,3 @@ class Slide:
             f"Slide({self.path.name!r}, {w}x{h}, levels={self.level_count}, mpp={mpp}, "
             f"reader={self.reader_name!r})"
         )
-
-
-def _to_float(value: str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        number = float(value)
-    except ValueError:
-        return None
-    return number if math.isfinite(number) else None

@@ -16,13 +16,17 @@ H = PredictConfig.field_help
 @friendly_errors
 def predict(
     run_dir: Path = typer.Argument(
-        ..., help="Run folder written by `slidemil train --out`, or a `slidemil export` folder."
+        ...,
+        help="Run folder written by `slidemil train --out`, or a `slidemil export` folder "
+        "(or leave it out and give the export as --model DIR).",
     ),
     slides_csv: Path = typer.Argument(
-        ..., help="Cohort CSV of the slides: slide_id, path (+ label, patient_id, slide_mpp)."
+        None, help="Cohort CSV of the slides: slide_id, path (+ label, patient_id, slide_mpp)."
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (e.g. preds/)."),
-    model: str = typer.Option(None, "--model", "-m", help=H("model")),
+    model: str = typer.Option(
+        None, "--model", "-m", help=H("model") + "; or a `slidemil export` folder"
+    ),
     features: Path = typer.Option(None, "--features", help=H("features")),
     patches: Path = typer.Option(None, "--patches", help=H("patches")),
     patch_size_level0: float = typer.Option(
@@ -45,6 +49,14 @@ def predict(
     probabilities, predicted class), attention/<slide_id>.h5 and failures.csv under OUT. Rerun
     to resume."""
     from slidemil.prediction import predict as run_predict
+
+    if slides_csv is None:
+        # `slidemil predict --model model/ new.csv`: the export stands where the run would
+        if model is None or not Path(model).is_dir():
+            raise typer.BadParameter(
+                "give RUN and SLIDES_CSV, or SLIDES_CSV with --model pointing at an export folder"
+            )
+        run_dir, slides_csv, model = Path(model), run_dir, None
 
     options = dict(
         model=model, features=features, patches=patches, patch_size_level0=patch_size_level0,

@@ -73,16 +73,10 @@ def plot_roc(
             r_fpr, r_tpr, r_auc = reference[name]
             ax.plot(r_fpr, r_tpr, color=f"C{i % 10}", linewidth=1.2, linestyle="--",
                     label=f"{name}, {reference_label} (AUC {r_auc:.3f})")  # fmt: skip
-    if not curves:
-        ax.text(0.5, 0.5, "no class has both positive and negative examples", ha="center")
-    ax.set_xlim(-0.01, 1.01)
-    ax.set_ylim(-0.01, 1.01)
-    ax.set_xlabel("false positive rate (1 - specificity)")
-    ax.set_ylabel("true positive rate (sensitivity)")
-    ax.set_aspect("equal")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    ax.set_title(title or "ROC, one vs rest")
+    _finish_curve_axes(
+        ax, bool(curves), "false positive rate (1 - specificity)",
+        "true positive rate (sensitivity)", "lower right", title or "ROC, one vs rest",
+    )  # fmt: skip
     _save(fig, path)
 
 
@@ -100,17 +94,25 @@ def plot_precision_recall(
         ax.step(recall, precision, where="post", color=colour, linewidth=1.8,
                 label=f"{name} (AP {ap:.3f})")  # fmt: skip
         ax.axhline(prevalence, color=colour, linestyle=":", linewidth=1)
-    if not curves:
+    _finish_curve_axes(
+        ax, bool(curves), "recall (sensitivity)", "precision (positive predictive value)",
+        "lower left", title or "precision-recall, one vs rest (dotted: prevalence)",
+    )  # fmt: skip
+    _save(fig, path)
+
+
+def _finish_curve_axes(ax, any_curve: bool, xlabel: str, ylabel: str, legend: str, title: str):
+    """The unit square of a ROC or precision-recall plot, its labels, legend and title."""
+    if not any_curve:
         ax.text(0.5, 0.5, "no class has both positive and negative examples", ha="center")
     ax.set_xlim(-0.01, 1.01)
     ax.set_ylim(-0.01, 1.01)
-    ax.set_xlabel("recall (sensitivity)")
-    ax.set_ylabel("precision (positive predictive value)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_aspect("equal")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", fontsize=8)
-    ax.set_title(title or "precision-recall, one vs rest (dotted: prevalence)")
-    _save(fig, path)
+    ax.legend(loc=legend, fontsize=8)
+    ax.set_title(title)
 
 
 def plot_reliability(

@@ -9,7 +9,7 @@ import numpy as np
 import openslide
 
 from slidemil.errors import SlideOpenError, SlideReadError
-from slidemil.readers.pixels import composite_on_white, mpp_from_properties
+from slidemil.readers.pixels import composite_on_white, mpp_from_properties, regions_one_by_one
 
 
 def open_openslide(path: Path) -> openslide.OpenSlide:
@@ -79,10 +79,7 @@ class OpenSlideReader:
         self, locations: Sequence[tuple[int, int]], level: int, size: tuple[int, int]
     ) -> np.ndarray:
         """RGB uint8 (N, h, w, 3), one ``read_region`` per location (OpenSlide caches tiles)."""
-        out = np.empty((len(locations), int(size[1]), int(size[0]), 3), np.uint8)
-        for row, location in enumerate(locations):
-            out[row] = self.read_region(location, level, size)
-        return out
+        return regions_one_by_one(self.read_region, locations, level, size)
 
     def close(self) -> None:
         self._osr.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -26,18 +27,32 @@ def composite_on_white(rgba: np.ndarray) -> np.ndarray:
     return (blended // 255).astype(np.uint8)
 
 
+def regions_one_by_one(
+    read_region: Callable[..., np.ndarray],
+    locations: Sequence[tuple[int, int]],
+    level: int,
+    size: tuple[int, int],
+) -> np.ndarray:
+    """RGB uint8 (N, h, w, 3): ``read_region(location, level, size)`` for each location, stacked
+    (a reader whose tile cache serves neighbouring regions needs nothing smarter)."""
+    out = np.empty((len(locations), int(size[1]), int(size[0]), 3), np.uint8)
+    for row, location in enumerate(locations):
+        out[row] = read_region(location, level, size)
+    return out
+
+
 def mpp_from_properties(props: dict[str, str]) -> float | None:
     """Level-0 µm/px from OpenSlide properties: ``openslide.mpp-x/y``, else the TIFF resolution
     tags when their unit is physical and the value a plausible scanner resolution."""
-    values = [_to_float(props.get("openslide.mpp-x")), _to_float(props.get("openslide.mpp-y"))]
+    values = [to_float(props.get("openslide.mpp-x")), to_float(props.get("openslide.mpp-y"))]
     values = [v for v in values if v is not None and v > 0]
     if values:
         return float(np.mean(values))
     unit = (props.get("tiff.ResolutionUnit") or "").lower()
     microns_per_unit = {"centimeter": 1e4, "inch": 25400.0}.get(unit)
     resolutions = [
-        _to_float(props.get("tiff.XResolution")),
-        _to_float(props.get("tiff.YResolution")),
+        to_float(props.get("tiff.XResolution")),
+        to_float(props.get("tiff.YResolution")),
     ]
     resolutions = [r for r in resolutions if r is not None and r > 0]
     if microns_per_unit is None or not resolutions:
@@ -47,7 +62,8 @@ def mpp_from_properties(props: dict[str, str]) -> float | None:
     return mpp if low <= mpp <= high else None
 
 
-def _to_float(value: str | None) -> float | None:
+def to_float(value: str | None) -> float | None:
+    """A property value as a finite float (``None``: absent, not a number, or infinite)."""
     if value is None:
         return None
     try:

@@ -25,7 +25,7 @@ import numpy as np
 
 from slidemil.errors import SlideOpenError, SlideReadError
 from slidemil.readers.openslide_reader import OpenSlideReader
-from slidemil.readers.pixels import mpp_from_properties
+from slidemil.readers.pixels import mpp_from_properties, regions_one_by_one
 from slidemil.readers.tiff_layout import TiffLayout, TileLevel
 from slidemil.readers.tile_codecs import decode_tile
 
@@ -116,11 +116,9 @@ class TileReader:
     def read_regions(
         self, locations: Sequence[tuple[int, int]], level: int, size: tuple[int, int]
     ) -> np.ndarray:
-        """RGB uint8 (N, h, w, 3); each tile is decoded once for all regions it serves."""
-        out = np.empty((len(locations), int(size[1]), int(size[0]), 3), np.uint8)
-        for row, location in enumerate(locations):
-            out[row] = self.read_region(location, level, size)
-        return out
+        """RGB uint8 (N, h, w, 3); each tile is decoded once for all regions it serves (the
+        decoded-tile cache outlives the region that filled it)."""
+        return regions_one_by_one(self.read_region, locations, level, size)
 
     def level_info(self, level: int) -> TileLevel:
         """The stored layout of ``level`` (tile size, compression, offsets)."""
