@@ -144,3 +144,18 @@ def test_strict_row_check_opens_the_slide(slide_files):
     record = SlideRecord("A", slide_files / "slides" / "a.svs")  # 1 byte: no slide format
     assert row_problem(record) is None  # the cheap check only looks at the file
     assert row_problem(record, open_slide=True).reason == "unreadable_slide"
+
+
+def test_an_optional_site_column_is_read_kept_and_saved(slide_files, tmp_path):
+    path = _csv(
+        slide_files,
+        "slide_id,path,label,patient_id,site\n"
+        "A,slides/a.svs,x,p1, Hospital A \nB,slides/b.svs,y,p2,\nC,slides/c.svs,y,p3,hospital-b\n",
+    )
+    cohort = load_cohort(path)
+    assert [r.site for r in cohort] == ["Hospital A", None, "hospital-b"]
+    assert cohort.has_sites
+    cohort.save(tmp_path / "manifest.csv")
+    assert load_cohort(tmp_path / "manifest.csv").slides == cohort.slides
+    plain = load_cohort(_csv(slide_files, "slide_id,path,label,patient_id\nA,slides/a.svs,x,p1\n"))
+    assert not plain.has_sites and plain["A"].site is None

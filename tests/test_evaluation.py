@@ -630,3 +630,70 @@ def test_predict_applies_the_temperature_that_evaluate_fitted(trained, tmp_path)
         ),
         abs=1e-4,
     )
+
+
+# --- per-site metrics ----------------------------------------------------------------------------
+
+
+def add_sites(run, folds, sites_of_fold):
+    """Give each fold's prediction tables a ``site`` column after ``patient_id``, as training
+    writes them for a cohort with sites: ``sites_of_fold(fold, patient number) -> site``."""
+    for fold in range(folds):
+        for name in ("predictions.csv", "val_predictions.csv"):
+            path = run / f"fold_{fold}" / name
+            if not path.is_file():
+                continue
+            frame = pd.read_csv(path)
+            number = frame["patient_id"].str[-3:].astype(int)
+            frame.insert(2, "site", [sites_of_fold(fold, n) for n in number])
+            frame.to_csv(path, index=False)
+
+
+def test_per_site_metrics_are_those_of_each_sites_pooled_predictions(tmp_path):
+    classes = ("benign", "malignant")
+    run = write_run(tmp_path / "run", classes, folds=3, validation=True, slides_per_fold=40)
+    # site-held-out folds: fold 0 tests site A; folds 1 and 2 share sites B and C
+    add_sites(run, 3, lambda fold, n: "A" if fold == 0 else "BC"[n // 2 % 2])
+    report = evaluate(run, quiet=True, bootstrap=0, plots=False, operating_point="youden")
+    table = pd.read_csv(run / "report" / "per_site.csv", dtype={"folds": str})
+    assert table.columns[:6].tolist() == ["cohort", "level", "site", "n", "n_patients", "folds"]
+    slide = table[table["level"] == "slide"].set_index("site")
+    assert slide.index.tolist() == ["A", "B", "C"]
+    assert slide.loc["A", "folds"] == "0" and slide.loc["B", "folds"] == "1;2"
+    pooled = report.result("pooled").frame
+    for site, row in slide.iterrows():
+        rows = pooled[pooled["site"] == site]
+        y, called = rows["label_index"], rows["predicted_index"]  # each fold's own threshold
+        assert row["n"] == len(rows) and row["n_patients"] == rows["patient_id"].nunique()
+        assert row["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, called))
+        assert row["macro_auc"] == pytest.approx(roc_auc_score(y, rows["prob_malignant"]))
+    # the patient level keeps each patient's site
+    patient = table[table["level"] == "patient"].set_index("site")
+    assert patient["n"].sum() == report.result("pooled", "patient").metrics.n
+    assert "## Per site" in (run / "report" / "summary.md").read_text()
+    summary = json.loads((run / "report" / "summary.json").read_text())
+    assert {row["site"] for row in summary["per_site"]} == {"A", "B", "C"}
+    assert "site" in pd.read_csv(run / "report" / "predictions.csv").columns
+
+
+def test_a_site_without_a_class_warns_and_a_run_without_sites_has_no_table(tmp_path):
+    run = write_run(tmp_path / "run", CLASSES_3, folds=2, slides_per_fold=24)
+    plain = evaluate(run, quiet=True, bootstrap=0, plots=False)
+    assert plain.per_site.empty and not (run / "report" / "per_site.csv").exists()
+    # site Z holds only the first patient of each fold: one class at most
+    add_sites(run, 2, lambda fold, n: "Z" if n == 0 else "Y")
+    with pytest.warns(AbsentClassWarning, match="site Z"):
+        report = evaluate(run, quiet=True, bootstrap=0, plots=False, level="slide")
+    z = report.per_site.set_index("site").loc["Z"]
+    assert math.isnan(z["macro_auc"]) and z["n"] == 4
+
+
+def test_an_external_cohort_with_sites_gets_per_site_rows(tmp_path):
+    run = write_run(tmp_path / "run", CLASSES_3, folds=2)
+    external = tmp_path / "external"
+    frame = write_external(external, CLASSES_3, slides=30)
+    frame["site"] = ["X", "W"] * 15
+    frame.to_csv(external / "predictions.csv", index=False)
+    report = evaluate(run, quiet=True, bootstrap=0, plots=False, external=external, level="slide")
+    rows = report.per_site[report.per_site["cohort"] == "external"]
+    assert rows["site"].tolist() == ["W", "X"] and rows["n"].tolist() == [15, 15]

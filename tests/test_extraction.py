@@ -35,6 +35,7 @@ from slidemil.formats.patch_file import read_patch_file, write_patch_file
 from slidemil.patching import patch
 from slidemil.runner import Shard, read_failures
 from slidemil.slide import Slide
+from slidemil.synthetic import synth
 
 FAST = {"encoder": "resnet18", "weights": "random", "device": "cpu", "quiet": True}
 
@@ -411,3 +412,298 @@ def test_cli_extract_and_encoders(work, tmp_path):
     assert lines[0].split()[:3] == ["name", "output_dim", "input_size"]
     assert any(line.split()[:2] == ["resnet50-trunc", "1024"] for line in lines)
     assert not any(line.startswith("uni") for line in lines)
+
+
+# -- augmented views and stain normalisation -----------------------------------------------------
+VIEWS = {**FAST, "dtype": "float32", "views": 2, "augment": "flip,rot90,hed,colour,blur"}
+
+
+@pytest.fixture(scope="module")
+def viewed(work):
+    """A reference extraction with 2 augmented views (batch 16, no workers); read-only."""
+    summary = extract(work, **VIEWS, batch_size=16, workers=0, features_name="views_ref")
+    assert not summary.failed and len(summary.done) == 6
+    return work / "features" / "views_ref"
+
+
+@pytest.fixture
+def channel_mean_encoder():
+    """A registered toy encoder that averages each channel over the patch: any flip or quarter
+    turn of a patch gives it exactly the same features, any colour change does not."""
+    from slidemil.encoders import registry
+    from slidemil.encoders.registry import Transform, WeightsSource, register_encoder
+
+    class ChannelMean(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.double().mean(dim=(2, 3)).float()
+
+    name = "test-channel-mean"
+    register_encoder(
+        name, output_dim=3, transform=Transform(), weights=WeightsSource("torchvision", "none"),
+        description="test only",
+    )(lambda pretrained=False: ChannelMean())  # fmt: skip
+    yield name
+    registry._REGISTRY.pop(name)
+
+
+def test_views_are_stored_next_to_plain_features_that_they_leave_unchanged(work, extracted, viewed):
+    from slidemil.formats.feature_file import count_views, read_views
+
+    for slide_id in _slide_ids(work):
+        plain = read_feature_file(extracted / f"{slide_id}.h5")
+        bag = read_feature_file(viewed / f"{slide_id}.h5")
+        np.testing.assert_allclose(bag.features, plain.features, rtol=1e-4, atol=1e-4)
+        views = read_views(viewed / f"{slide_id}.h5")
+        assert views.shape == (2, *plain.features.shape) and count_views(viewed / f"{slide_id}.h5")
+        scale = np.abs(plain.features).mean()
+        assert np.abs(views[0] - plain.features).mean() > 0.05 * scale  # views are not the patch
+        assert np.abs(views[1] - views[0]).mean() > 0.05 * scale  # nor each other
+        assert read_views(extracted / f"{slide_id}.h5").shape == (0, *plain.features.shape)
+    attrs = bag.attrs
+    assert attrs["n_views"] == 2 and attrs["stain_normalization"] is None
+    assert attrs["augmentation"] == {
+        "views": 2, "ops": ["flip", "rot90", "hed", "colour", "blur"],
+        "strengths": {"hed": 0.05, "colour": 0.1, "blur": 1.0}, "seed": 0,
+    }  # fmt: skip
+    assert read_feature_file(extracted / f"{slide_id}.h5").attrs["n_views"] == 0
+
+
+def test_views_match_across_batch_sizes_and_worker_counts(work, tmp_path, viewed):
+    from slidemil.formats.feature_file import read_views
+
+    work = _copy(work, tmp_path)
+    pd.read_csv(work / "cohort.csv").iloc[:3].to_csv(work / "cohort.csv", index=False)
+    extract(work, **VIEWS, batch_size=5, workers=2, features_name="views_b5w2")
+    for slide_id in _slide_ids(work):
+        a = read_views(viewed / f"{slide_id}.h5")
+        b = read_views(work / "features" / "views_b5w2" / f"{slide_id}.h5")
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_flips_and_turns_of_a_rotation_invariant_encoder_give_the_plain_features(
+    work, tmp_path, channel_mean_encoder
+):
+    from slidemil.formats.feature_file import read_views
+
+    work = _copy(work, tmp_path)
+    common = {**FAST, "encoder": channel_mean_encoder, "dtype": "float32", "workers": 0}
+    extract(work, **common, views=3, augment="flip,rot90", features_name="geometric")
+    extract(work, **common, views=3, augment="hed,colour", features_name="colour")
+    for slide_id in _slide_ids(work):
+        plain = read_feature_file(work / "features" / "geometric" / f"{slide_id}.h5").features
+        geometric = read_views(work / "features" / "geometric" / f"{slide_id}.h5")
+        colour = read_views(work / "features" / "colour" / f"{slide_id}.h5")
+        np.testing.assert_allclose(geometric, np.broadcast_to(plain, geometric.shape), atol=1e-5)
+        assert (np.abs(colour - plain).max(axis=2) > 1e-2).mean() > 0.9  # almost every patch
+
+
+def test_a_view_is_reproducible_and_more_views_redo_only_what_differs(work, tmp_path, viewed):
+    """Asking more views (or other options) than a file holds makes the slide not done; the
+    first views come out the same, and the same options skip every slide."""
+    from slidemil.formats.feature_file import read_views
+
+    work = _copy(work, tmp_path)
+    pd.read_csv(work / "cohort.csv").iloc[:2].to_csv(work / "cohort.csv", index=False)
+    options = {**VIEWS, "batch_size": 16, "workers": 0}
+    first = extract(work, **options)
+    assert len(first.done) == 2
+    assert not extract(work, **options).done
+    more = extract(work, **{**options, "views": 3})
+    assert sorted(more.done) == sorted(first.done) and not more.skipped
+    for slide_id in first.done:  # view v is view v, however many are asked
+        three = read_views(work / "features" / "resnet18" / f"{slide_id}.h5")
+        np.testing.assert_allclose(three[:2], read_views(viewed / f"{slide_id}.h5"), atol=1e-4)
+    stronger = extract(work, **{**options, "views": 3, "augment_strength": "hed=0.2"})
+    assert len(stronger.done) == 2
+    reseeded = extract(work, **{**options, "views": 3, "augment_seed": 1})
+    assert len(reseeded.done) == 2
+    back = extract(work, **options)
+    assert len(back.done) == 2
+    for slide_id in _slide_ids(work):
+        views = read_views(work / "features" / "resnet18" / f"{slide_id}.h5")
+        np.testing.assert_allclose(views, read_views(viewed / f"{slide_id}.h5"), atol=1e-4)
+
+
+def test_an_interrupted_extraction_with_views_resumes_to_the_uninterrupted_result(
+    work, tmp_path, viewed
+):
+    from slidemil.formats.feature_file import read_views
+
+    work = _copy(work, tmp_path)
+    cohort = pd.read_csv(work / "cohort.csv").iloc[:3]
+    cohort.iloc[:1].to_csv(work / "cohort.csv", index=False)  # the run stopped after a slide
+    extract(work, **VIEWS, batch_size=7, workers=0)
+    folder = work / "features" / "resnet18"
+    stamps = {p.name: p.stat().st_mtime_ns for p in _finished(folder)}
+    cohort.to_csv(work / "cohort.csv", index=False)
+    resumed = extract(work, **VIEWS, batch_size=7, workers=1)
+    assert len(resumed.skipped) == 1 and len(resumed.done) == 2
+    assert stamps == {p.name: p.stat().st_mtime_ns for p in _finished(folder) if p.name in stamps}
+    for slide_id in _slide_ids(work):
+        np.testing.assert_allclose(
+            read_views(folder / f"{slide_id}.h5"), read_views(viewed / f"{slide_id}.h5"),
+            rtol=1e-4, atol=1e-4,
+        )  # fmt: skip
+
+
+def _stain_target(work: Path, path: Path, tint: tuple[float, float, float]) -> Path:
+    """A PNG of real slide tissue (the first patch of the first slide, at level 0), tinted."""
+    from PIL import Image
+
+    slide_id = _slide_ids(work)[0]
+    patches = read_patch_file(work / "patches" / f"{slide_id}.h5")
+    cohort = pd.read_csv(work / "cohort.csv").set_index("slide_id")
+    size = patches.patch_size_level0
+    with Slide(cohort.loc[slide_id, "path"]) as slide:
+        region = slide.read_region(tuple(patches.coords[len(patches) // 2]), 0, (size, size))
+    tinted = np.clip(region[..., :3] * np.array(tint), 0, 255).astype(np.uint8)
+    Image.fromarray(tinted).save(path)
+    return path
+
+
+def test_stain_normalisation_changes_features_is_recorded_and_is_never_mixed(
+    work, tmp_path, extracted
+):
+    from slidemil.formats.feature_file import read_views
+
+    work = _copy(work, tmp_path)
+    target = _stain_target(work, tmp_path / "target.png", (0.8, 0.9, 1.0))
+    stain = {"stain_norm": "reinhard", "stain_target": str(target)}
+    ids = _slide_ids(work)
+    cohort = pd.read_csv(work / "cohort.csv")
+    cohort.iloc[:3].to_csv(work / "cohort.csv", index=False)
+    summary = extract(work, **VIEWS, **stain, workers=0)
+    assert len(summary.done) == 3
+    folder = work / "features" / "resnet18"
+    bag = read_feature_file(folder / f"{ids[0]}.h5")
+    plain = read_feature_file(extracted / f"{ids[0]}.h5").features
+    assert np.abs(bag.features - plain).mean() > 0.05 * np.abs(plain).mean()
+    state = bag.attrs["stain_normalization"]
+    assert state["method"] == "reinhard" and state["target"]["name"] == "target.png"
+    assert read_views(folder / f"{ids[0]}.h5").shape[0] == 2
+    recorded = (folder / "extract_config.yaml").read_text()
+    assert "stain_normalization:" in recorded and "target.png" in recorded
+    # with reader workers on the CPU, they normalise and augment: the same features and views
+    extract(work, **VIEWS, **stain, workers=1, batch_size=9, features_name="in_readers")
+    for slide_id in ids[:3]:
+        here, there = folder / f"{slide_id}.h5", work / "features" / "in_readers" / f"{slide_id}.h5"
+        np.testing.assert_allclose(
+            read_feature_file(there).features, read_feature_file(here).features, atol=1e-4
+        )
+        np.testing.assert_allclose(read_views(there), read_views(here), atol=1e-4)
+
+    cohort.to_csv(work / "cohort.csv", index=False)  # more slides, now without normalisation
+    with pytest.raises(ConfigError, match=r"another stain_normalization \(.*reinhard fitted on"):
+        extract(work, **VIEWS, workers=0)
+    other = _stain_target(work, tmp_path / "other.png", (1.0, 0.8, 0.8))
+    with pytest.raises(ConfigError, match="another stain_normalization"):
+        extract(work, **VIEWS, stain_norm="reinhard", stain_target=str(other), workers=0)
+    finished = extract(work, **VIEWS, **stain, workers=0)  # the same normaliser: goes on
+    assert len(finished.done) == 3 and len(finished.skipped) == 3
+
+
+def test_a_folder_from_before_stain_normalisation_is_not_mixed_with_normalised_features(
+    work, tmp_path
+):
+    import yaml
+
+    work = _copy(work, tmp_path)
+    cohort = pd.read_csv(work / "cohort.csv")
+    cohort.iloc[:2].to_csv(work / "cohort.csv", index=False)
+    extract(work, **FAST, workers=0)
+    record = work / "features" / "resnet18" / "extract_config.yaml"
+    old = yaml.safe_load(record.read_text())
+    del old["identity"]["stain_normalization"]  # as written before the key existed
+    record.write_text(yaml.safe_dump(old))
+    cohort.to_csv(work / "cohort.csv", index=False)
+    target = _stain_target(work, tmp_path / "target.png", (0.8, 0.9, 1.0))
+    with pytest.raises(ConfigError, match="another stain_normalization"):
+        extract(work, **FAST, stain_norm="reinhard", stain_target=str(target), workers=0)
+
+
+def test_a_bad_stain_target_is_one_line_naming_it(work, tmp_path):
+    work = _copy(work, tmp_path)
+    with pytest.raises(ConfigError) as info:
+        extract(work, **FAST, stain_norm="macenko", stain_target=str(tmp_path / "t.png"))
+    assert "t.png" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_cli_extract_with_views(work, tmp_path):
+    from slidemil.cli import (
+        app,
+        commands,  # noqa: F401 - registers the commands
+    )
+    from slidemil.formats.feature_file import count_views
+
+    work = _copy(work, tmp_path)
+    runner = CliRunner()
+    args = ["extract", str(work), "-e", "resnet18", "--weights", "random", "--device", "cpu"]
+    args += ["-j", "0", "--quiet", "--views", "2", "--augment", "rot90,hed"]
+    result = runner.invoke(app, [*args, "--augment-strength", "hed=0.1", "--augment-seed", "4"])
+    assert result.exit_code == 0, result.output
+    path = _finished(work / "features" / "resnet18")[0]
+    assert count_views(path) == 2
+    assert read_feature_file(path).attrs["augmentation"]["strengths"] == {"hed": 0.1}
+    bad = runner.invoke(app, [*args, "--augment-strength", "hed=3", "--features-name", "x"])
+    assert bad.exit_code == 2 and "strength hed=3.0 is outside [0.0, 1.0]" in bad.output
+
+
+def test_reader_workers_make_the_views_the_device_path_would(work):
+    """On the CPU the readers augment; their views are the main process's, pixel for pixel."""
+    from slidemil.augmentation import Augmenter, augment_spec
+
+    cohort = pd.read_csv(work / "cohort.csv").set_index("slide_id")
+    slide_id = _slide_ids(work)[2]
+    patches = read_patch_file(work / "patches" / f"{slide_id}.h5")
+    slides = [SlidePatches(slide_id, cohort.loc[slide_id, "path"], patches)]
+    augment = Augmenter(augment_spec(2, "flip,rot90,hed,colour,hue,blur", seed=1))
+    made = PatchBatches(slides, 16, augmenter=augment)[1]
+    plain = PatchBatches(slides, 16)[1]
+    assert torch.equal(made["images"], plain["images"])
+    assert made["views"].shape == (2, *plain["images"].shape) and plain["views"] is None
+    keys = augment.keys(slide_id, patches.coords[16:32])
+    for v in range(2):
+        here = augment(plain["images"].permute(0, 3, 1, 2), keys, v).permute(0, 2, 3, 1)
+        assert torch.equal(made["views"][v], here)
+    with pytest.raises(ValueError, match="cannot be augmented by the readers"):
+        PatchBatches(slides, 16, device_decode=True, augmenter=augment)
+
+
+def test_on_a_multi_site_cohort_stain_normalisation_narrows_the_site_gap_and_views_vary(
+    tmp_path, channel_mean_encoder
+):
+    """Two hospitals staining differently: the channel-mean encoder's features are each
+    patch's mean colour, so they show the site gap directly; normalising both sites to a target
+    from one of them narrows it, and stain/colour views spread the colours around each patch."""
+    from slidemil.formats.feature_file import read_views
+
+    synth(tmp_path / "sites", slides=4, classes=2, sites=2, size=1024, seed=5, quiet=True)
+    work = tmp_path / "work"
+    patch(
+        tmp_path / "sites" / "cohort.csv", work, mpp=2.0, patch_size=32, workers=1, quiet=True,
+        previews=False,
+    )  # fmt: skip
+    table = pd.read_csv(tmp_path / "sites" / "cohort.csv")
+    assert table.site.nunique() == 2
+    first_site = table[table.site == table.site.iloc[0]]
+    target = _stain_target(work, tmp_path / "target.png", (1.0, 1.0, 1.0))  # site A's tissue
+    assert _slide_ids(work)[0] in set(first_site.slide_id)
+    common = {**FAST, "encoder": channel_mean_encoder, "dtype": "float32", "workers": 0}
+    extract(work, **common, features_name="plain", views=2, augment="hed,colour")
+    extract(work, **common, features_name="normalised", stain_norm="reinhard",
+            stain_target=str(target))  # fmt: skip
+
+    def site_gap(name: str) -> float:
+        means = {
+            site: np.mean([read_feature_file(work / "features" / name / f"{s}.h5").features.mean(0)
+                           for s in rows.slide_id], axis=0)
+            for site, rows in table.groupby("site")
+        }  # fmt: skip
+        a, b = means.values()
+        return float(np.abs(a - b).sum())
+
+    assert site_gap("normalised") < 0.6 * site_gap("plain")
+    for slide_id in table.slide_id:
+        path = work / "features" / "plain" / f"{slide_id}.h5"
+        plain, views = read_feature_file(path).features, read_views(path)
+        assert (np.abs(views - plain).max(axis=2) > 1e-2).mean() > 0.9

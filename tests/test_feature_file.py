@@ -154,3 +154,77 @@ def test_foreign_file_that_is_not_features_is_refused(tmp_path):
     torch.save({"not": "a tensor"}, tmp_path / "dict.pt")
     with pytest.raises(ArtifactError, match=r"dict\.pt: expected a tensor"):
         read_feature_file(tmp_path / "dict.pt")
+
+
+def test_views_round_trip_next_to_unchanged_features(tmp_path):
+    from slidemil.formats.feature_file import count_views, read_views
+
+    features, coords = _bag(300, 16)
+    views = RNG.normal(size=(3, 300, 16)).astype(np.float32)
+    record = {"views": 3, "ops": ["flip"], "strengths": {}, "seed": 0}
+    attrs = {"encoder": "resnet18", "augmentation": record}
+    with FeatureWriter(
+        tmp_path / "s.h5", coords, dim=16, dtype="float16", attrs=attrs, views=3
+    ) as out:
+        for start in range(0, 300, 128):  # streamed in chunks, as extraction writes
+            out.write(features[start : start + 128], views[:, start : start + 128])
+    path = tmp_path / "s.h5"
+    np.testing.assert_allclose(read_feature_file(path).features, features, atol=2e-3)
+    np.testing.assert_allclose(read_views(path), views, atol=2e-3)
+    np.testing.assert_allclose(read_views(path, view=2), views[2], atol=2e-3)
+    assert read_views(path, dtype=None).dtype == np.float16 and count_views(path) == 3
+    stored = read_feature_attrs(path)
+    assert stored["n_views"] == 3 and stored["augmentation"] == record
+    assert is_complete_feature_file(path, attrs={"n_views": 3, "augmentation": record})
+    assert not is_complete_feature_file(path, attrs={"n_views": 4, "augmentation": record})
+    other = {**record, "seed": 1}
+    assert not is_complete_feature_file(path, attrs={"n_views": 3, "augmentation": other})
+    with pytest.raises(ArtifactError, match=r"s\.h5: has 3 views, no view 3"):
+        read_views(path, view=3)
+
+    plain = write_feature_file(tmp_path / "p.h5", features, coords, {"encoder": "resnet18"})
+    assert read_views(plain).shape == (0, 300, 16) and count_views(plain) == 0
+    assert read_feature_attrs(plain)["n_views"] == 0
+    assert is_complete_feature_file(plain, attrs={"n_views": 0, "augmentation": None})
+    assert not is_complete_feature_file(plain, attrs={"n_views": 3, "augmentation": record})
+    with pytest.raises(ArtifactError, match=r"p\.h5: has no views, no view 0"):
+        read_views(plain, view=0)
+    with h5py.File(plain, "a") as f:  # a file from before views: no n_views attribute
+        del f.attrs["n_views"]
+    assert count_views(plain) == 0 and is_complete_feature_file(plain, attrs={"n_views": 0})
+
+
+def test_views_that_do_not_match_the_features_are_refused(tmp_path):
+    from slidemil.formats.feature_file import count_views, read_views
+
+    features, coords = _bag(20, 8)
+    path = write_feature_file(
+        tmp_path / "s.h5", features, coords, {"encoder": "resnet18"},
+        views=np.zeros((2, 20, 8), np.float32),
+    )  # fmt: skip
+    with h5py.File(path, "a") as f:
+        del f["views"]
+        f["views"] = np.zeros((2, 19, 8), np.float32)  # a row short
+    with pytest.raises(ArtifactError, match=r"s\.h5: 'views' \(2, 19, 8\) does not match"):
+        read_views(path)
+    assert not is_complete_feature_file(path, attrs={"n_views": 2})
+    with h5py.File(path, "a") as f:
+        del f["views"]
+    with pytest.raises(ArtifactError, match="records n_views=2 but has no 'views' dataset"):
+        count_views(path)
+    writer = FeatureWriter(tmp_path / "w.h5", coords, dim=8, dtype="float32", attrs={}, views=2)
+    with (
+        pytest.raises(ValueError, match=r"view chunk \(1, 20, 8\) must be \(2, 20, 8\)"),
+        writer as out,
+    ):
+        out.write(features, np.zeros((1, 20, 8)))
+    assert not (tmp_path / "w.h5").exists()
+
+
+def test_clam_files_have_no_views(tmp_path):
+    from slidemil.formats.feature_file import count_views, read_views
+
+    features, coords = _bag(70, 32)
+    h5_path, pt_path = write_clam_features(tmp_path, "s", features, coords, batch_size=32)
+    for path in (h5_path, pt_path):
+        assert count_views(path) == 0 and read_views(path).shape == (0, 70, 32)

@@ -6,13 +6,20 @@ from __future__ import annotations
 import json
 
 import cv2
+import h5py
 import matplotlib
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from slidemil.errors import ArtifactError, ConfigError
-from slidemil.formats.attention_file import AttentionMap, write_attention_file
+from slidemil.formats.attention_file import (
+    AttentionMap,
+    is_complete_attention_file,
+    read_attention_file,
+    write_attention_file,
+)
+from slidemil.formats.h5 import write_attrs
 from slidemil.heatmaps import (
     heat_grid,
     heatmap,
@@ -325,3 +332,108 @@ def test_heatmap_errors_name_the_folder_and_the_fix(predictions, tmp_path):
     summary = heatmap(predictions[0], tmp_path / "h", model="fold_7", quiet=True, top_k=0)
     assert "fold_7" in summary.failed["slide_a"]
     assert (tmp_path / "h" / "failures.csv").is_file()
+
+
+# --- per-class maps -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def class_predictions(predictions, tmp_path_factory):
+    """The slide of ``predictions`` with class-specific integrated-gradient scores: class
+    ``tumour`` high on the hot square, class ``normal`` high on the first patch row."""
+    folder, coords, hot = predictions
+    source = read_attention_file(folder / "attention" / "slide_a.h5")
+    first_row = coords[:, 1] == coords[:, 1].min()
+    per_class = np.stack([np.where(first_row, 2.0, -1.0), np.where(hot, 2.0, -1.0)], axis=1)
+    per_class += np.linspace(0, 0.1, len(coords))[:, None]
+    attrs = {**source.attrs, "explanation": "ig", "class_specific": True}
+    attrs["explanation_settings"] = {"baseline": "zero", "steps": 32}
+    out = tmp_path_factory.mktemp("class_maps")
+    write_attention_file(
+        out / "attention" / "slide_a.h5",
+        AttentionMap(
+            coords, source.attention, source.attention_raw, attrs, class_scores=per_class[:, None]
+        ),
+    )
+    return out, coords, hot, first_row
+
+
+def _measured(path, name: str) -> np.ndarray:
+    features = json.loads(path.read_text())["features"]
+    return np.array([f["properties"]["measurements"][name] for f in features])
+
+
+def test_each_class_gets_its_own_map(class_predictions, tmp_path):
+    folder, _, hot, first_row = class_predictions
+    summary = heatmap(folder, tmp_path, class_name="all", top_k=2, quiet=True)
+    assert summary.done == ["slide_a"] and not summary.failed
+    for stem in ("slide_a_normal", "slide_a_tumour"):
+        for suffix in (".png", "_gallery.png", ".geojson"):
+            assert (tmp_path / f"{stem}{suffix}").is_file(), stem + suffix
+    tumour = _measured(tmp_path / "slide_a_tumour.geojson", "ig tumour")
+    normal = _measured(tmp_path / "slide_a_normal.geojson", "ig normal")
+    assert tumour[hot].min() > tumour[~hot].max()
+    assert normal[first_row].min() > normal[~first_row].max()
+    normal_png = cv2.imread(str(tmp_path / "slide_a_normal.png"))
+    assert np.abs(normal_png.astype(int) - cv2.imread(str(tmp_path / "slide_a_tumour.png"))).max()
+    assert heatmap(folder, tmp_path, class_name="all", top_k=2, quiet=True).skipped == ["slide_a"]
+
+    # one class by name, and the default of an ig file: its predicted class (tumour)
+    heatmap(folder, tmp_path / "one", class_name="normal", top_k=0, quiet=True)
+    np.testing.assert_allclose(_measured(tmp_path / "one" / "slide_a.geojson", "ig normal"), normal)
+    heatmap(folder, tmp_path / "default", top_k=0, quiet=True)
+    default = _measured(tmp_path / "default" / "slide_a.geojson", "ig tumour")
+    np.testing.assert_allclose(default, tumour)
+
+    from slidemil.cli import app
+    from slidemil.cli import commands as _  # noqa: F401 - registers the commands
+
+    result = CliRunner().invoke(
+        app, ["heatmap", str(folder), "--out", str(tmp_path / "cli"), "--class", "normal",
+              "--top-k", "0", "--quiet"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    np.testing.assert_allclose(_measured(tmp_path / "cli" / "slide_a.geojson", "ig normal"), normal)
+    result = CliRunner().invoke(app, ["heatmap", str(folder), "--class", "benign", "--quiet"])
+    assert result.exit_code != 0 and "no class 'benign'" in result.output
+
+
+def test_attention_files_keep_todays_map_and_refuse_a_class_they_lack(
+    predictions, class_predictions, tmp_path
+):
+    folder = predictions[0]
+    heatmap(folder, tmp_path / "a", top_k=0, quiet=True)  # an attention file: the weights
+    assert (
+        "attention"
+        in json.loads((tmp_path / "a" / "slide_a.geojson").read_text())["features"][0][
+            "properties"
+        ]["measurements"]
+    )
+    # class-agnostic scores: --class all draws the one map they make
+    heatmap(folder, tmp_path / "b", class_name="all", top_k=0, quiet=True)
+    assert (tmp_path / "b" / "slide_a.png").is_file()
+    assert not (tmp_path / "b" / "slide_a_tumour.png").exists()
+    with pytest.raises(ConfigError, match="no class 'benign'; its classes are normal, tumour"):
+        heatmap(class_predictions[0], tmp_path / "c", class_name="benign", quiet=True)
+
+
+def test_version_1_attention_files_still_draw_and_say_they_lack_class_scores(predictions, tmp_path):
+    source = read_attention_file(predictions[0] / "attention" / "slide_a.h5")
+    old = tmp_path / "old" / "attention" / "slide_a.h5"
+    old.parent.mkdir(parents=True)
+    with h5py.File(old, "w") as f:  # exactly what slidemil wrote before format 2
+        f.create_dataset("coords", data=source.coords)
+        f.create_dataset("attention", data=source.attention)
+        f.create_dataset("attention_raw", data=source.attention_raw)
+        attrs = {
+            k: v for k, v in source.attrs.items() if not k.startswith(("explanation", "class_s"))
+        }
+        write_attrs(f.attrs, {**attrs, "format_version": 1})
+    assert is_complete_attention_file(old)  # a predict rerun keeps it as done
+    read = read_attention_file(old)
+    assert read.class_scores is None and read.explanation == "attention"
+    assert not read.class_specific
+    summary = heatmap(tmp_path / "old", tmp_path / "maps", top_k=0, quiet=True)
+    assert summary.done == ["slide_a"]
+    with pytest.raises(ConfigError, match=r"no per-class scores \(attention format 1\)"):
+        heatmap(tmp_path / "old", tmp_path / "maps2", class_name="tumour", quiet=True)

@@ -441,6 +441,28 @@ def test_cli_predicts_raw_slides_then_draws_heatmaps(slide_run, tmp_path):
     assert {p.suffix for p in maps.iterdir()} >= {".png", ".geojson", ".tiff"}
 
 
+@pytest.mark.slow
+def test_integrated_gradient_heat_maps_differ_from_attention_ones(slide_run, tmp_path):
+    import cv2
+
+    csv = slide_run / "cohort" / "cohort.csv"
+    features = slide_run / "work" / "features" / "resnet18"
+    maps = {}
+    for method in ("attention", "ig"):
+        out = tmp_path / method
+        predict(slide_run / "run", csv, out, features=features, explain=method, ig_steps=8,
+                shard="0/4", quiet=True)  # fmt: skip
+        assert heatmap(out, out / "maps", top_k=0, geojson=False, quiet=True).done
+        maps[method] = cv2.imread(str(out / "maps" / "slide_0000.png")).astype(int)
+    assert maps["ig"].shape == maps["attention"].shape
+    assert np.abs(maps["ig"] - maps["attention"]).mean() > 1.0  # other scores, other colours
+    per_class = heatmap(tmp_path / "ig", tmp_path / "all", class_name="all", top_k=0, quiet=True)
+    classes = read_attention_file(tmp_path / "ig" / "attention" / "slide_0000.h5").class_names
+    assert per_class.done and all(
+        (tmp_path / "all" / f"slide_0000_{c}.png").is_file() for c in classes
+    )
+
+
 # --- end to end: does attention find the lesions? -------------------------------------------------
 
 
@@ -498,3 +520,116 @@ def test_attention_is_higher_inside_the_lesions(tmp_path):
     print(f"slide accuracy {accuracy:.3f}")
     assert mean_auc >= 0.85
     assert min(aucs.values()) > 0.6
+
+
+# --- explanations ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def toy_ig_predictions(toy, tmp_path_factory):
+    work, run = toy
+    out = tmp_path_factory.mktemp("toy_ig")
+    summary = predict(
+        run, work / "cohort.csv", out, features=work / "features" / "toy", explain="ig",
+        ig_steps=16, quiet=True,
+    )  # fmt: skip
+    return out, summary
+
+
+def test_attention_predictions_record_native_class_agnostic_scores(toy_predictions):
+    out, _ = toy_predictions
+    attention = read_attention_file(out / "attention" / "toy_00.h5")
+    assert attention.attrs["format_version"] == 2 and attention.explanation == "attention"
+    assert not attention.class_specific  # abmil-gated has no per-class attention
+    assert attention.class_scores.shape == (len(attention), 2, len(CLASSES))
+    for c in range(len(CLASSES)):
+        np.testing.assert_array_equal(attention.class_scores[:, :, c], attention.attention_raw)
+
+
+def test_predict_explain_ig_writes_class_specific_attributions(
+    toy, toy_predictions, toy_ig_predictions, tmp_path
+):
+    plain, ig = toy_predictions[0], toy_ig_predictions[0]
+    signal_rows = write_toy_work(tmp_path)  # the toy run's bags again, with their planted rows
+    aucs = []
+    for row in pd.read_csv(ig / "predictions.csv").itertuples():
+        explained = read_attention_file(ig / "attention" / f"{row.slide_id}.h5")
+        native = read_attention_file(plain / "attention" / f"{row.slide_id}.h5")
+        assert explained.explanation == "ig" and explained.class_specific
+        assert explained.attrs["explanation_settings"] == {"baseline": "zero", "steps": 16}
+        assert explained.class_scores.shape == (len(native), 2, len(CLASSES))
+        # /attention and /attention_raw keep their meaning whatever the method
+        np.testing.assert_allclose(explained.attention, native.attention, atol=1e-6)
+        np.testing.assert_allclose(explained.attention_raw, native.attention_raw, atol=1e-5)
+        np.testing.assert_allclose(explained.attrs["probabilities"], native.attrs["probabilities"])
+        malignant = explained.class_score("malignant")
+        assert not np.allclose(malignant, explained.class_score("benign"))
+        if row.label == "malignant":  # the planted rows carry the malignant logit
+            signal = np.isin(np.arange(len(malignant)), signal_rows[row.slide_id])
+            aucs.append(localisation_auc(malignant, signal.astype(float)))
+    assert np.mean(aucs) > 0.9, aucs
+
+
+def test_the_ensemble_explains_each_fold_on_its_standardised_input(toy):
+    from slidemil.explanation import ExplanationSettings, explain
+    from slidemil.prediction.ensemble import Ensemble
+    from slidemil.prediction.trained_run import TrainedRun
+
+    work, run_dir = toy
+    run = TrainedRun.open(run_dir)
+    settings = ExplanationSettings("ig", baseline="mean", steps=8)
+    ensemble = Ensemble.load(
+        run.checkpoints("mean"), run.class_names, run.feature_dim, torch.device("cpu"),
+        explanation=settings,
+    )  # fmt: skip
+    bag = read_feature_file(work / "features" / "toy" / "toy_01.h5").features
+    result = ensemble.infer(bag)
+    assert result.explanation == "ig" and result.class_scores.shape == (len(bag), 2, 2)
+    for f, fold in enumerate(ensemble.folds):
+        assert fold.mean is not None  # the toy run standardises
+        x = fold.model_input(torch.from_numpy(bag))
+        expected = explain(fold.model, x, "ig", baseline="mean", steps=8).scores[fold.order]
+        np.testing.assert_allclose(result.class_scores[:, f, :], expected.T, atol=1e-5)
+        raw = explain(fold.model, bag, "ig", baseline="mean", steps=8).scores[fold.order]
+        assert not np.allclose(result.class_scores[:, f, :], raw.T, atol=1e-3)
+
+
+def test_explanation_methods_do_not_mix_and_exports_explain_only_by_attention(
+    toy, toy_predictions, tmp_path
+):
+    from slidemil.deployment import export
+
+    work, run = toy
+    out, _ = toy_predictions
+    features = work / "features" / "toy"
+    with pytest.raises(ConfigError, match=r"made by --explain attention, not ig \(baseline zero"):
+        predict(run, work / "cohort.csv", out, features=features, explain="ig", quiet=True)
+    with pytest.raises(ValueError, match="ig_steps"):
+        PredictConfig(explain="ig", ig_steps=0)
+    model = export(run, tmp_path / "model", format="torchscript").out
+    with pytest.raises(ConfigError, match="exported graph gives only its attention"):
+        predict(model, work / "cohort.csv", tmp_path / "p", features=features, explain="ig")
+    exported = predict(model, work / "cohort.csv", tmp_path / "p", features=features, quiet=True)
+    attention = read_attention_file(tmp_path / "p" / "attention" / "toy_00.h5")
+    assert not exported.failed and attention.explanation == "attention"
+    assert not attention.class_specific and attention.class_scores.shape[2] == len(CLASSES)
+
+
+def test_cli_explains_with_integrated_gradients(toy, tmp_path):
+    from slidemil.cli import app
+    from slidemil.cli import commands as _  # noqa: F401 - registers the commands
+
+    work, run = toy
+    csv = tmp_path / "two.csv"
+    pd.read_csv(work / "cohort.csv").head(2).to_csv(csv, index=False)
+    config = tmp_path / "exp.yaml"  # the YAML section chooses the method, a flag the steps
+    config.write_text("predict:\n  explain: ig\n  ig_baseline: mean\n  ig_steps: 16\n")
+    result = CliRunner().invoke(
+        app,
+        ["predict", str(run), str(csv), "--out", str(tmp_path / "p"), "--features",
+         str(work / "features" / "toy"), "--config", str(config), "--ig-steps", "4", "--quiet"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    attention = read_attention_file(tmp_path / "p" / "attention" / "toy_00.h5")
+    assert attention.explanation == "ig"
+    assert attention.attrs["explanation_settings"] == {"baseline": "mean", "steps": 4}

@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from slidemil.errors import CohortError
+from slidemil.evaluation.metrics import AbsentClassWarning
 from slidemil.training.splits import make_splits
 
 
@@ -99,3 +100,98 @@ def test_kfold_validation_comes_from_the_folds_training_patients_only():
         assert val and not val & tested
         # about val_fraction of the patients that are not tested
         assert len(val) / (len(patients) - len(tested)) == pytest.approx(0.25, abs=0.1)
+
+
+# --- site holdout ---------------------------------------------------------------------------------
+
+
+def sited(patients: int = 36, classes: int = 2, sites: str = "ABCD") -> pd.DataFrame:
+    """Patients nested in sites, sites of different sizes, every class in every site."""
+    slides = cohort(patients=patients, classes=classes)
+    # patient p to site (p // classes) mod the cycle, where A is twice: A twice the others' size
+    weights = [2] + [1] * (len(sites) - 1)
+    cycle = [s for s, w in zip(sites, weights, strict=True) for _ in range(w)]
+    number = slides["patient_id"].str[1:].astype(int)
+    slides["site"] = [cycle[(p // classes) % len(cycle)] for p in number]
+    return slides
+
+
+def assert_no_site_in_two_parts(splits: pd.DataFrame) -> None:
+    """No site is both tested and used for fitting (training or validation) in one fold."""
+    tested = splits["part"] == "test"
+    kinds = splits.assign(tested=tested).groupby(["fold", "site"])["tested"].nunique()
+    assert kinds.max() == 1, kinds[kinds > 1]
+
+
+def test_site_holdout_tests_each_site_once_and_never_puts_a_site_in_two_parts():
+    slides = sited()
+    splits = make_splits(slides, folds=3, val_fraction=0.25, seed=4, site_holdout=True)
+    assert list(splits.columns) == ["slide_id", "patient_id", "site", "label", "fold", "part"]
+    assert_no_site_in_two_parts(splits)
+    assert_no_patient_in_two_parts(splits)
+    tested = splits[splits["part"] == "test"]
+    # every site tested in exactly one fold, every slide once
+    assert tested.groupby("site")["fold"].nunique().max() == 1
+    assert set(tested["site"]) == set("ABCD") and tested["slide_id"].is_unique
+    # fold sizes balanced in patients: A (the largest site) alone, the others shared out
+    sizes = tested.groupby("fold")["patient_id"].nunique()
+    assert sizes.max() - sizes.min() <= max(slides.groupby("site")["patient_id"].nunique())
+    for _, fold in splits.groupby("fold"):
+        test_sites = set(fold.loc[fold["part"] == "test", "site"])
+        fit_sites = set(fold.loc[fold["part"] != "test", "site"])
+        assert test_sites and fit_sites and not test_sites & fit_sites
+        val = fold[fold["part"] == "val"].drop_duplicates("patient_id")
+        assert val["label"].nunique() == 2  # validation stratified, from the training sites
+    assert splits.equals(make_splits(slides, folds=3, val_fraction=0.25, seed=4, site_holdout=True))
+
+
+def test_without_site_holdout_sites_are_spread_over_the_parts():
+    # the effect the option has: plain K-fold puts one site in the test and training parts
+    splits = make_splits(sited(), folds=3, seed=4)
+    with pytest.raises(AssertionError):
+        assert_no_site_in_two_parts(splits)
+
+
+def test_one_fold_site_holdout_tests_on_the_smallest_sites_about_the_test_fraction():
+    slides = sited(patients=40, sites="ABCDEF")
+    splits = make_splits(slides, fractions=(0.7, 0.15, 0.15), seed=1, site_holdout=True)
+    assert set(splits["fold"]) == {0}
+    assert_no_site_in_two_parts(splits)
+    tested = splits.loc[splits["part"] == "test"]
+    share = tested["patient_id"].nunique() / slides["patient_id"].nunique()
+    assert 0.15 <= share < 0.4 and "A" not in set(tested["site"])
+
+
+def test_site_holdout_needs_complete_sites_and_patients_in_one_site():
+    with pytest.raises(CohortError, match="needs a site column"):
+        make_splits(cohort(), folds=3, site_holdout=True)
+    slides = sited()
+    slides.loc[[0, 5], "site"] = None
+    with pytest.raises(CohortError, match=r"site column is empty for 2 slide\(s\), e.g. \['p0_s0'"):
+        make_splits(slides, folds=3, site_holdout=True)
+    slides = sited()
+    of_p2 = slides[slides["patient_id"] == "p2"].index
+    slides.loc[of_p2[-1], "site"] = "D" if slides.loc[of_p2[0], "site"] != "D" else "C"
+    with pytest.raises(
+        CohortError, match=r"1 patient\(s\) have slides from more than one site \('p2' in"
+    ):
+        make_splits(slides, folds=3, site_holdout=True)
+    with pytest.raises(
+        CohortError, match="5-fold site holdout needs at least 5 sites; the cohort has 4"
+    ):
+        make_splits(sited(), folds=5, site_holdout=True)
+    slides = sited()
+    slides["split"] = "train"
+    with pytest.raises(CohortError, match="split column and site holdout"):
+        make_splits(slides, folds=3, site_holdout=True)
+
+
+def test_a_test_site_without_a_class_warns_once_per_fold():
+    slides = sited(patients=24, classes=2, sites="ABC")
+    # site C: class c0 only
+    slides = slides[~((slides["site"] == "C") & (slides["label"] == "c1"))]
+    absent = r"fold \d tests on site\(s\) C, which have no slide of class\(es\) c1"
+    with pytest.warns(AbsentClassWarning, match=absent) as caught:
+        splits = make_splits(slides, folds=3, seed=0, site_holdout=True)
+    assert len([w for w in caught if issubclass(w.category, AbsentClassWarning)]) == 1
+    assert_no_site_in_two_parts(splits)

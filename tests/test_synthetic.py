@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -146,3 +147,61 @@ def test_memory_stays_bounded_as_slides_grow(tmp_path):
     small, large = peak_kb(2048), peak_kb(16384)
     large_pixels_kb = 16384 * 16384 * 0.65 * 3 / 1024  # >= 510 MB of RGB per slide
     assert large - small < 0.25 * large_pixels_kb
+
+
+def test_sites_nest_patients_and_keep_labels_balanced():
+    plans = plan_cohort(SynthConfig(slides=40, classes=3, sites=4, imbalance=2, seed=5))
+    assert {p.site for p in plans} == {"site_1", "site_2", "site_3", "site_4"}
+    patients: dict[str, set] = {}
+    for p in plans:
+        patients.setdefault(p.patient_id, set()).add(p.site)
+    assert all(len(sites) == 1 for sites in patients.values())  # a patient is at one site
+    counts = pd.crosstab([p.site for p in plans], [p.class_index for p in plans])
+    assert (counts > 0).all().all()  # every site has every class
+    assert (counts.max() - counts.min()).max() <= 1  # each class split evenly over the sites
+    no_sites = plan_cohort(SynthConfig(slides=40, classes=3, imbalance=2, seed=5))
+    assert all(p.site is None for p in no_sites)
+    with pytest.raises(ConfigError, match="all 3 classes"):
+        build(SynthConfig, section="synth", overrides={"slides": 8, "classes": 3, "sites": 3})
+
+
+def _tissue_optical_density(out, slide_id: str) -> np.ndarray:
+    """Mean optical density (R, G, B) of a slide's tissue."""
+    scene = load_truth(out, slide_id)
+    with Slide(out / "slides" / f"{slide_id}.svs") as slide:
+        image = slide.read_level(0)
+    downsample = scene.width / image.shape[1]
+    labels = scene.label_map(downsample)[: image.shape[0], : image.shape[1]]
+    pixels = image[: labels.shape[0], : labels.shape[1]][labels != 0].astype(float)
+    return (-np.log((pixels + 1) / 256)).mean(axis=0)
+
+
+def test_sites_stain_and_scan_differently(tmp_path):
+    options = ["--slides", "9", "--classes", "3", "--sites", "3", "--size", "768", "--seed", "2"]
+    result = CliRunner().invoke(app, ["synth", "--out", str(tmp_path), *options, "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "in 3 sites" in result.output
+    cohort = load_cohort(tmp_path / "cohort.csv")
+    assert cohort.has_sites
+    stains = json.loads((tmp_path / "sites.json").read_text())
+    assert [s["name"] for s in stains] == ["site_1", "site_2", "site_3"]
+    colour = {r.slide_id: _tissue_optical_density(tmp_path, r.slide_id) for r in cohort}
+    by_site: dict[str, list] = {}
+    for record in cohort:
+        by_site.setdefault(record.site, []).append(colour[record.slide_id])
+    means = np.array([np.mean(v, axis=0) for v in by_site.values()])
+    within = np.mean([np.var(v, axis=0).sum() for v in by_site.values()])
+    between = np.var(means, axis=0).sum()
+    assert between > 2 * within  # the site more than the slide or the class sets the colour
+    # the site's staining is part of the ground truth, so a scene re-renders as written
+    scene = load_truth(tmp_path, cohort.slides[0].slide_id)
+    assert scene.site_stain is not None and scene.site_stain.name == cohort.slides[0].site
+
+
+def test_cohort_written_before_sites_existed_is_still_accepted(tmp_path):
+    synth(tmp_path, slides=2, classes=2, size=512, quiet=True)
+    record = tmp_path / "synth_config.yaml"
+    record.write_text(
+        "".join(line for line in record.read_text().splitlines(True) if "sites" not in line)
+    )
+    synth(tmp_path, slides=2, classes=2, size=512, quiet=True)  # no "other options" refusal

@@ -560,3 +560,235 @@ def test_a_torchrun_job_resumed_by_one_process_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"used 2 process\(es\), this one 1.*nproc_per_node"):
         train(work.root, out, epochs=3, **TINY)
     assert len(pd.read_csv(out / "fold_0" / "history.csv")) == 1  # nothing was trained
+
+
+class _AuxiliaryABMIL(torch.nn.Module):
+    """A label-aware test model: ABMIL plus an instance classifier on each bag's most attended
+    instance, whose cross-entropy against the bag label (× ``weight``) is its auxiliary loss."""
+
+    uses_labels = True
+
+    def __init__(self, in_dim, n_classes, hidden_dim=16, attention_dim=8, weight=1.0):
+        super().__init__()
+        from slidemil.models.abmil import ABMIL
+
+        self.mil = ABMIL(in_dim, n_classes, hidden_dim, attention_dim, dropout=0.0, gated=False)
+        self.instance_head = torch.nn.Linear(hidden_dim, n_classes)
+        self.weight = weight
+        self.labels_seen: list[torch.Tensor] = []
+
+    def forward(self, features, mask, return_scores=False, labels=None):
+        outputs = self.mil(features, mask, return_scores)
+        if labels is None:
+            return outputs
+        self.labels_seen.append(labels.clone())
+        instances = self.mil.project(features)  # (B, N, H)
+        top = outputs[1].argmax(dim=1)  # the most attended instance of each bag
+        chosen = instances[torch.arange(len(top)), top]
+        loss = torch.nn.functional.cross_entropy(self.instance_head(chosen), labels)
+        return outputs[0], outputs[1], self.weight * loss
+
+
+@pytest.fixture
+def auxiliary_model(monkeypatch):
+    """``test-auxiliary`` in the model registry for one test; the built models, in order."""
+    from slidemil.models import registry
+
+    built: list[_AuxiliaryABMIL] = []
+
+    def builder(in_dim, n_classes, hidden_dim=16, attention_dim=8, weight=1.0):
+        built.append(_AuxiliaryABMIL(in_dim, n_classes, hidden_dim, attention_dim, weight))
+        return built[-1]
+
+    entry = registry.ModelEntry("test-auxiliary", builder, "test: ABMIL + instance loss")
+    monkeypatch.setitem(registry._MODELS, "test-auxiliary", entry)
+    return built
+
+
+def test_a_label_aware_models_auxiliary_loss_is_added_to_the_bag_loss(tmp_path, auxiliary_model):
+    work = make_random_work(tmp_path / "work", patients=12, dim=16, seed=13)
+    # no gradient clipping: its norm over one more (zero) gradient could differ by rounding
+    options = dict(TINY, model="test-auxiliary", epochs=3, lr=3e-3, dropout=0.0, grad_clip=0)
+    train(work.root, tmp_path / "with", **options, model_options={"weight": "1"})
+    without = train(work.root, tmp_path / "without", **options, model_options={"weight": 0})
+    with_loss, _ = auxiliary_model
+    # the training forward got each batch's labels; validation and test calls got none
+    splits = pd.read_csv(tmp_path / "with" / "splits.csv")
+    trained = splits.loc[splits["part"] == "train", "label"].str[-1].astype(int)
+    seen = torch.cat(with_loss.labels_seen)
+    assert sorted(seen.tolist()) == sorted(trained.tolist() * 3)
+
+    def latest(run):
+        return load_checkpoint(run / "fold_0" / "checkpoint_latest.pt")
+
+    a, b = latest(tmp_path / "with"), latest(tmp_path / "without")
+    assert a["model_kwargs"]["weight"] == 1.0 and b["model_kwargs"]["weight"] == 0.0
+    # the auxiliary loss trained the bag model too, through the shared projection
+    assert not torch.equal(
+        a["model_state"]["mil.project.0.weight"], b["model_state"]["mil.project.0.weight"]
+    )
+    history = pd.read_csv(tmp_path / "with" / "fold_0" / "history.csv")
+    assert (history["train_auxiliary_loss"] > 0).all()
+    history = pd.read_csv(tmp_path / "without" / "fold_0" / "history.csv")
+    assert (history["train_auxiliary_loss"] == 0).all()
+    # with weight 0 the model trains exactly as plain ABMIL: the hook adds the auxiliary loss
+    # and nothing else, and the validation loss (which picks the best epoch) is the bag loss
+    plain = train(work.root, tmp_path / "plain", **{**options, "model": "abmil"})
+    plain_state = latest(tmp_path / "plain")["model_state"]
+    for key, tensor in plain_state.items():
+        assert torch.equal(tensor, b["model_state"][f"mil.{key}"]), key
+    assert plain.folds[0] == without.folds[0]
+    plain_history = pd.read_csv(tmp_path / "plain" / "fold_0" / "history.csv")
+    assert "train_auxiliary_loss" not in plain_history
+    pd.testing.assert_series_equal(plain_history["val_loss"], history["val_loss"])
+
+
+def test_model_options_are_validated_coerced_recorded_and_compared_on_resume(
+    tmp_path, auxiliary_model
+):
+    from slidemil.cli import commands  # noqa: F401  (registers the commands)
+    from slidemil.cli.app import app
+
+    work = make_random_work(tmp_path / "work", patients=12, dim=16, seed=14)
+    with pytest.raises(ConfigError, match=r"'abmil' has no option\(s\) k .*hidden_dim \(default"):
+        train(work.root, tmp_path / "bad", model="abmil", model_options={"k": 8}, **TINY)
+    with pytest.raises(ConfigError, match=r"weight='heavy': expected a number"):
+        train(
+            work.root, tmp_path / "bad", model="test-auxiliary", model_options={"weight": "heavy"}
+        )
+    with pytest.raises(ConfigError, match=r"train.hidden_dim: Input should be a valid integer"):
+        train(work.root, tmp_path / "bad", model_options={"hidden_dim": "big"}, quiet=True)
+    with pytest.raises(ConfigError, match="hidden_dim is given twice"):
+        train(work.root, tmp_path / "bad", hidden_dim=32, model_options={"hidden_dim": 16})
+    assert not (tmp_path / "bad").exists()
+
+    # the command line: --model-option adds to the config file's model_options
+    config = tmp_path / "exp.yaml"
+    config.write_text(yaml.safe_dump({"train": {"epochs": 3, "model_options": {"dropout": 0.5}}}))
+    out = tmp_path / "run"
+    args = ["train", str(work.root), "--out", str(out), "--config", str(config), "--quiet"]
+    args += ["--device", "cpu", "--epoch-budget", "1", "--attention-dim", "8"]
+    result = CliRunner().invoke(app, [*args, "--model-option", "hidden_dim=16"])
+    assert result.exit_code == 0, result.output
+    resolved = yaml.safe_load((out / "config.yaml").read_text())["train"]
+    assert (resolved["hidden_dim"], resolved["dropout"], resolved["model_options"]) == (16, 0.5, {})
+    state = load_checkpoint(out / "fold_0" / "checkpoint_latest.pt")
+    assert state["model_kwargs"] == {"hidden_dim": 16, "attention_dim": 8, "dropout": 0.5}
+    model, _ = load_model_from_checkpoint(out / "fold_0" / "checkpoint_latest.pt")
+    assert model.project[0].out_features == 16 and model.project[2].p == 0.5
+    result = CliRunner().invoke(app, [*args, "--model-option", "hidden_dim"])
+    assert result.exit_code == 2 and "'hidden_dim' is not KEY=VALUE" in result.output
+    # a changed model option refuses to resume
+    result = CliRunner().invoke(app, [*args, "--model-option", "hidden_dim=24"])
+    assert result.exit_code != 0 and "hidden_dim (16 -> 24)" in result.output
+
+
+# --- sites, augmented views and feature-space augmentation ---------------------------------------
+
+
+def _sited_work(root: Path, *, views: int = 2):
+    """12 patients × 2 slides in sites A, B, C (patients nested in sites), every feature file
+    with ``views`` augmented views."""
+    from feature_views import add_views
+
+    work = make_random_work(root, patients=12, dim=16, seed=11)
+    cohort = pd.read_csv(work.root / "cohort.csv")
+    cohort["site"] = ["ABC"[int(p[-3:]) // 2 % 3] for p in cohort["patient_id"]]
+    cohort.to_csv(work.root / "cohort.csv", index=False)
+    for slide_id in cohort["slide_id"]:
+        add_views(work.feature_path(slide_id), views)
+    return work, cohort
+
+
+def test_site_holdout_with_views_resumes_exactly_and_reports_per_site(tmp_path):
+    from slidemil.evaluation import evaluate
+
+    work, cohort = _sited_work(tmp_path / "work")
+    options = dict(
+        TINY, folds=3, site_holdout=True, views="random", instance_dropout=0.25,
+        feature_noise=0.2, epochs=3, max_patches=16, lr=3e-3, patience=0, min_epochs=0,
+    )  # fmt: skip
+    whole = train(work.root, tmp_path / "whole", **options)
+    splits = pd.read_csv(tmp_path / "whole" / "splits.csv", keep_default_na=False)
+    assert list(splits.columns) == ["slide_id", "patient_id", "site", "label", "fold", "part"]
+    for fold, table in splits.groupby("fold"):
+        tested = set(table.loc[table["part"] == "test", "site"])
+        fitted = set(table.loc[table["part"] != "test", "site"])
+        assert len(tested) == 1 and not tested & fitted, fold
+        predictions = pd.read_csv(tmp_path / "whole" / f"fold_{fold}" / "predictions.csv")
+        assert set(predictions["site"]) == tested
+        assert predictions.columns[:3].tolist() == ["slide_id", "patient_id", "site"]
+
+    # views from RAM (cache) and from the files (no cache) give the same draws, and a run
+    # stopped and resumed ends where an uninterrupted one does
+    stopped = tmp_path / "stopped"
+    train(work.root, stopped, epoch_budget=4, cache=False, **options)
+    resumed = train(work.root, stopped, cache=True, **options)
+    assert resumed.folds == whole.folds
+    for fold in range(3):
+        a = load_checkpoint(tmp_path / "whole" / f"fold_{fold}" / "checkpoint_latest.pt")
+        b = load_checkpoint(stopped / f"fold_{fold}" / "checkpoint_latest.pt")
+        for key, tensor in a["model_state"].items():
+            assert torch.equal(tensor, b["model_state"][key]), (fold, key)
+
+    report = evaluate(tmp_path / "whole", bootstrap=0, plots=False, quiet=True)
+    per_site = pd.read_csv(tmp_path / "whole" / "report" / "per_site.csv")
+    slide_rows = per_site[per_site["level"] == "slide"].set_index("site")
+    assert sorted(slide_rows.index) == ["A", "B", "C"]
+    assert slide_rows["n"].sum() == len(cohort)
+    pooled = report.result("pooled").frame
+    for site, row in slide_rows.iterrows():
+        rows = pooled[pooled["site"] == site]
+        right = (rows["predicted_index"] == rows["label_index"]).mean()
+        assert row["accuracy"] == pytest.approx(right)
+        tested_in = splits.loc[(splits["site"] == site) & (splits["part"] == "test"), "fold"]
+        assert str(row["folds"]) == str(tested_in.iloc[0])  # each site tested in one fold
+    assert "## Per site" in (tmp_path / "whole" / "report" / "summary.md").read_text()
+
+
+def test_site_holdout_from_the_command_line_and_its_errors(tmp_path):
+    from slidemil.cli import commands  # noqa: F401  (registers the commands)
+    from slidemil.cli.app import app
+    from slidemil.errors import CohortError
+
+    work, cohort = _sited_work(tmp_path / "work", views=1)
+    out = tmp_path / "run"
+    args = ["train", str(work.root), "--out", str(out), "--epochs", "1", "--quiet"]
+    args += ["--device", "cpu", "--hidden-dim", "8", "--attention-dim", "8", "--folds", "3"]
+    flags = ["--site-holdout", "--views", "random", "--instance-dropout", "0.1"]
+    result = CliRunner().invoke(app, [*args, *flags, "--feature-noise", "0.05"])
+    assert result.exit_code == 0, result.output
+    resolved = yaml.safe_load((out / "config.yaml").read_text())["train"]
+    assert resolved["site_holdout"] and resolved["views"] == "random"
+    assert (resolved["instance_dropout"], resolved["feature_noise"]) == (0.1, 0.05)
+
+    # more folds than sites, a blank site, a patient in two sites: one line each, no run folder
+    result = CliRunner().invoke(app, [*args[:-2], "--folds", "4", "--site-holdout", "-o", "x"])
+    assert result.exit_code != 0 and "4-fold site holdout needs at least 4 sites" in result.output
+    cohort.loc[3, "site"] = ""
+    cohort.to_csv(work.root / "cohort.csv", index=False)
+    with pytest.raises(CohortError, match=r"cohort.csv.*site column is empty for 1 slide"):
+        train(work.root, tmp_path / "blank", folds=3, site_holdout=True, **TINY)
+    cohort.loc[3, "site"] = "C" if cohort.loc[2, "site"] != "C" else "B"
+    cohort.to_csv(work.root / "cohort.csv", index=False)
+    with pytest.raises(CohortError, match="more than one site"):
+        train(work.root, tmp_path / "blank", folds=3, site_holdout=True, **TINY)
+    assert not (tmp_path / "blank").exists()
+    # without --site-holdout the blank and mixed sites are fine (the column is informative)
+    train(work.root, tmp_path / "plain", folds=3, epochs=1, **TINY)
+
+
+def test_a_site_column_added_to_the_cohort_of_an_unfinished_run_lets_it_resume(tmp_path):
+    work = make_random_work(tmp_path / "work", patients=12, dim=16, seed=12)
+    out = tmp_path / "run"
+    train(work.root, out, epochs=2, epoch_budget=1, **TINY)
+    cohort = pd.read_csv(work.root / "cohort.csv")
+    cohort["site"] = ["AB"[int(p[-3:]) // 2 % 2] for p in cohort["patient_id"]]
+    cohort.to_csv(work.root / "cohort.csv", index=False)
+    assert train(work.root, out, epochs=2, **TINY).finished
+    splits = pd.read_csv(out / "splits.csv")
+    assert "site" in splits.columns and set(splits["site"]) == {"A", "B"}
+    assert "site" in pd.read_csv(out / "fold_0" / "predictions.csv").columns
+    # site holdout is another experiment: refused by the splits (or options) it changes
+    with pytest.raises(ConfigError):
+        train(work.root, out, epochs=2, site_holdout=True, folds=2, **TINY)

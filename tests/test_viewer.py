@@ -127,7 +127,14 @@ def predicted(tmp_path_factory) -> Path:
             "slide_dimensions": list(SIZE), "run": str(run),
         }  # fmt: skip
         path = root / "preds" / "attention" / f"{slide_id}.h5"
-        write_attention_file(path, AttentionMap(coords, attention, raw, attrs))
+        per_class = None
+        if slide_id == "slide_b":  # class-specific scores (--explain ig): normal peaks elsewhere
+            normal = np.repeat(scores_peaking_at(coords, HOT_FOLD_1)[:, None], 2, axis=1)
+            per_class = np.stack([normal, raw], axis=2)  # (N, F, C)
+            attrs.update(explanation="ig", class_specific=True)
+        write_attention_file(
+            path, AttentionMap(coords, attention, raw, attrs, class_scores=per_class)
+        )
         rows.append({"slide_id": slide_id, "path": str(slide_path), "label": label,
                      "patient_id": f"patient_{slide_id}"})  # fmt: skip
     pd.DataFrame(rows).to_csv(root / "cohort.csv", index=False)
@@ -283,6 +290,20 @@ def test_patches_and_extremes_follow_the_chosen_map(server):
     pixels = get_image(server, f"/api/slides/slide_a/patch/{extremes['top'][0]['index']}.jpeg")
     expected = checkerboard(*HOT_FOLD_1, PATCH, PATCH, 1)
     assert pixels.shape == (PATCH, PATCH, 3) and np.abs(pixels - expected.astype(float)).mean() < 6
+
+
+def test_class_specific_scores_are_maps_of_their_own(server):
+    status, info = get_json(server, "/api/slides/slide_b")
+    assert status == 200
+    assert info["maps"] == ["mean", "fold_0", "fold_1", "class:normal", "class:tumour"]
+    # class normal's scores peak at HOT_FOLD_1 in both folds; tumour's are the raw attention's
+    for name, peak in (("class:tumour", HOT), ("class:normal", HOT_FOLD_1)):
+        status, extremes = get_json(server, f"/api/slides/slide_b/extremes?map={name}&k=1")
+        assert status == 200 and (extremes["top"][0]["x"], extremes["top"][0]["y"]) == peak
+    status, patches = get_json(server, "/api/slides/slide_b/patches?map=class:tumour")
+    assert status == 200 and len(patches["score"]) == len(patch_grid())
+    status, _ = get_json(server, "/api/slides/slide_a/patches?map=class:tumour")
+    assert status == 404  # slide_a's scores are class-agnostic: no class maps
 
 
 def test_the_tile_cache_keeps_recent_tiles_within_its_budget():

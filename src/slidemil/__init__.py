@@ -9,6 +9,7 @@ The pipeline, one function per stage (each also a ``slidemil`` command)::
     slidemil.evaluate("runs/exp1")
     slidemil.predict("runs/exp1", "new.csv", "preds/")   # new slides -> predictions + attention
     slidemil.heatmap("preds/")                 # attention -> heat maps, QuPath / TIFF exports
+    slidemil.explain(model, features, "ig")    # per-class patch scores of a bag, any model
     slidemil.sweep("work/", "sweep.yaml", "runs/sweep1")  # hyperparameter search (Optuna)
     slidemil.export("runs/exp1", "model/")     # ONNX / TorchScript graph + model card
     slidemil.view("preds/")                    # the slides + attention in the browser
@@ -48,6 +49,7 @@ _API = {
     "predict": "slidemil.prediction",
     "PredictConfig": "slidemil.prediction",
     "heatmap": "slidemil.heatmaps",
+    "explain": "slidemil.explanation",
     "sweep": "slidemil.tuning",
     "HeatmapConfig": "slidemil.heatmaps",
     "view": "slidemil.viewer",

@@ -1,9 +1,11 @@
 """The cohort manifest: which slides, where they are, their labels and patients.
 
 ``cohort.csv`` columns: ``slide_id, path, label, patient_id`` and optionally ``mask_path``
-(a user tissue mask), ``split`` (``train``/``val``/``test``, overrides automatic splits) and
-``slide_mpp`` (level-0 µm/px for slides whose metadata lacks it). Relative paths resolve against
-the CSV's folder. Class names are the distinct labels, sorted (numerically when all are numbers).
+(a user tissue mask), ``split`` (``train``/``val``/``test``, overrides automatic splits),
+``slide_mpp`` (level-0 µm/px for slides whose metadata lacks it) and ``site`` (the hospital or
+scanner a slide comes from, for site-preserved splits and per-site metrics). Relative paths
+resolve against the CSV's folder. Class names are the distinct labels, sorted (numerically when
+all are numbers).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from slidemil.inputs import mask_file_problem, slide_file_problem
 
 REQUIRED_COLUMNS = ("slide_id", "path")
 TRAINING_COLUMNS = ("label", "patient_id")
-OPTIONAL_COLUMNS = ("mask_path", "split", "slide_mpp")
+OPTIONAL_COLUMNS = ("mask_path", "split", "slide_mpp", "site")
 SPLIT_NAMES = ("train", "val", "test")
 # slide ids become file names in every stage's output folder
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
@@ -38,6 +40,7 @@ class SlideRecord:
     mask_path: Path | None = None
     split: str | None = None
     slide_mpp: float | None = None
+    site: str | None = None  # None: no site column, or a blank cell
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,11 @@ class Cohort:
     def has_labels(self) -> bool:
         return bool(self.class_names)
 
+    @property
+    def has_sites(self) -> bool:
+        """Some slide names its site (the CSV has a ``site`` column that is not all blank)."""
+        return any(s.site is not None for s in self.slides)
+
     def label_index(self, record: SlideRecord) -> int:
         """Integer class of ``record`` in :attr:`class_names` order."""
         return self.class_names.index(record.label)
@@ -90,6 +98,7 @@ class Cohort:
                     "mask_path": None if s.mask_path is None else str(s.mask_path),
                     "split": s.split,
                     "slide_mpp": s.slide_mpp,
+                    "site": s.site,
                 }
             )
         return pd.DataFrame(rows, columns=[*REQUIRED_COLUMNS, *TRAINING_COLUMNS, *OPTIONAL_COLUMNS])
@@ -235,6 +244,7 @@ def _parse_row(row, line, base, require_labels, check_files, problems) -> SlideR
         mask_path=mask_path,
         split=split,
         slide_mpp=slide_mpp,
+        site=cell("site") or None,
     )
 
 

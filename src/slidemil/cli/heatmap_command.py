@@ -23,6 +23,7 @@ def heatmap(
     ),
     normalisation: str = typer.Option(None, help=H("normalisation")),
     model: str = typer.Option(None, "--model", "-m", help=H("model")),
+    class_name: str = typer.Option(None, "--class", help=H("class_name")),
     cmap: str = typer.Option(None, help=H("cmap")),
     alpha: float = typer.Option(None, help=H("alpha")),
     smooth: float = typer.Option(None, help=H("smooth")),
@@ -41,13 +42,14 @@ def heatmap(
     """Draw each predicted slide's attention at its patches' true footprints: an overlay with a
     colour bar and the predicted class (<slide_id>.png), the top and bottom patches
     (<slide_id>_gallery.png), QuPath tiles (<slide_id>.geojson) and, with --tiff, a pyramidal
-    TIFF that OpenSlide and QuPath open at full resolution."""
+    TIFF that OpenSlide and QuPath open at full resolution. --class draws one class's scores
+    (or each class's, with --class all)."""
     from slidemil.heatmaps import heatmap as run_heatmap
 
     options = dict(
-        normalisation=normalisation, model=model, cmap=cmap, alpha=alpha, smooth=smooth,
-        thumbnail_size=thumbnail_size, top_k=top_k, geojson=geojson, tiff=tiff, cohort=cohort,
-        shard=shard, workers=workers, strict=strict, quiet=quiet, reader=reader,
+        normalisation=normalisation, model=model, class_name=class_name, cmap=cmap, alpha=alpha,
+        smooth=smooth, thumbnail_size=thumbnail_size, top_k=top_k, geojson=geojson, tiff=tiff,
+        cohort=cohort, shard=shard, workers=workers, strict=strict, quiet=quiet, reader=reader,
     )  # fmt: skip
     summary = run_heatmap(predictions, out, config_file=config, **options)
     target = out if out is not None else predictions / "heatmaps"

@@ -38,6 +38,9 @@ def predict(
     workers: int = typer.Option(None, "--workers", "-j", help=H("workers")),
     shard: str = typer.Option(None, help=H("shard")),
     calibrate: str = typer.Option(None, "--calibrate", help=H("calibrate") + " (none|temperature)"),
+    explain: str = typer.Option(None, "--explain", help=H("explain") + " (attention|ig)"),
+    ig_baseline: str = typer.Option(None, "--ig-baseline", help=H("ig_baseline")),
+    ig_steps: int = typer.Option(None, "--ig-steps", help=H("ig_steps")),
     strict: bool = typer.Option(None, "--strict/--no-strict", help=H("strict")),
     quiet: bool = typer.Option(None, "--quiet/--progress", help=H("quiet")),
     reader: str = typer.Option(None, help=H("reader")),
@@ -46,8 +49,8 @@ def predict(
     """Predict new slides with a trained run: patch and encode them with the options the run
     recorded (or read --features: slidemil, CLAM or TRIDENT bags; --patches or
     --patch-size-level0 place CLAM's for heat maps), then write predictions.csv (class
-    probabilities, predicted class), attention/<slide_id>.h5 and failures.csv under OUT. Rerun
-    to resume."""
+    probabilities, predicted class), attention/<slide_id>.h5 (attention and per-class patch
+    scores by --explain attention|ig) and failures.csv under OUT. Rerun to resume."""
     from slidemil.prediction import predict as run_predict
 
     if slides_csv is None:
@@ -61,7 +64,8 @@ def predict(
     options = dict(
         model=model, features=features, patches=patches, patch_size_level0=patch_size_level0,
         step=step, device=device, batch_size=batch_size, workers=workers, shard=shard,
-        strict=strict, quiet=quiet, calibrate=calibrate, reader=reader,
+        strict=strict, quiet=quiet, calibrate=calibrate, reader=reader, explain=explain,
+        ig_baseline=ig_baseline, ig_steps=ig_steps,
     )  # fmt: skip
     summary = run_predict(run_dir, slides_csv, out, config_file=config, **options)
     typer.echo(summary.line())

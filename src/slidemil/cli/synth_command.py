@@ -22,6 +22,7 @@ def synth(
     mpp: str = typer.Option(None, help=H("mpp") + " (comma-separated, e.g. 0.25,0.5)"),
     imbalance: float = typer.Option(None, help=H("imbalance")),
     max_slides_per_patient: int = typer.Option(None, help=H("max_slides_per_patient")),
+    sites: int = typer.Option(None, help=H("sites")),
     lesion_fraction: str = typer.Option(
         None, help=H("lesion_fraction") + " (comma-separated low,high, e.g. 0.05,0.12)"
     ),
@@ -32,7 +33,7 @@ def synth(
     config: Path = typer.Option(None, "--config", help="YAML file; its 'synth' section."),
 ) -> None:
     """Write a synthetic cohort: pyramidal JPEG Aperio SVS slides with class-specific lesions,
-    ground-truth masks (truth/) and cohort.csv."""
+    ground-truth masks (truth/) and cohort.csv (with --sites, a site column and sites.json)."""
     from slidemil.config import build
     from slidemil.synthetic import synth as run_synth
 
@@ -43,6 +44,7 @@ def synth(
         mpp=parse_floats(mpp),
         imbalance=imbalance,
         max_slides_per_patient=max_slides_per_patient,
+        sites=sites,
         lesion_fraction=_pair(parse_floats(lesion_fraction)),
         seed=seed,
         quality=quality,
@@ -51,7 +53,10 @@ def synth(
     )
     resolved = build(SynthConfig, section="synth", config_file=config, overrides=options)
     cohort = run_synth(out, resolved)
-    typer.echo(f"{len(cohort)} slides, {len(cohort.class_names)} classes -> {out / 'cohort.csv'}")
+    in_sites = f" in {resolved.sites} sites" if resolved.sites else ""
+    typer.echo(
+        f"{len(cohort)} slides, {len(cohort.class_names)} classes{in_sites} -> {out / 'cohort.csv'}"
+    )
 
 
 def _pair(values: list[float] | None) -> tuple[float, ...] | None:

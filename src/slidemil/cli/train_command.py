@@ -22,12 +22,21 @@ def train(
     hidden_dim: int = typer.Option(None, help=H("hidden_dim")),
     attention_dim: int = typer.Option(None, help=H("attention_dim")),
     dropout: float = typer.Option(None, help=H("dropout")),
+    model_option: list[str] = typer.Option(
+        None,
+        "--model-option",
+        help="KEY=VALUE: one of the model's own options (repeatable; e.g. --model-option k=8); "
+        "added to the config file's model_options. See docs/models.md for each model's options.",
+    ),
     folds: int = typer.Option(None, help=H("folds")),
     fold: int = typer.Option(None, help=H("fold")),
     split_fractions: str = typer.Option(
         None, help=H("split_fractions") + " (comma-separated, e.g. 0.7,0.15,0.15)"
     ),
     val_fraction: float = typer.Option(None, help=H("val_fraction")),
+    site_holdout: bool = typer.Option(
+        None, "--site-holdout/--no-site-holdout", help=H("site_holdout")
+    ),
     epochs: int = typer.Option(None, help=H("epochs")),
     batch_size: int = typer.Option(None, help=H("batch_size")),
     max_patches: int = typer.Option(None, help=H("max_patches")),
@@ -41,6 +50,9 @@ def train(
     ),
     sampler: str = typer.Option(None, help=H("sampler")),
     standardize: bool = typer.Option(None, "--standardize/--no-standardize", help=H("standardize")),
+    views: str = typer.Option(None, help=H("views")),
+    instance_dropout: float = typer.Option(None, help=H("instance_dropout")),
+    feature_noise: float = typer.Option(None, help=H("feature_noise")),
     monitor: str = typer.Option(None, help=H("monitor")),
     patience: int = typer.Option(None, help=H("patience")),
     min_epochs: int = typer.Option(None, help=H("min_epochs")),
@@ -73,7 +85,11 @@ def train(
         standardize=standardize, monitor=monitor, patience=patience, min_epochs=min_epochs,
         smoothing=smoothing, seed=seed, device=device, amp=amp, cache=cache,
         cache_limit_gb=cache_limit_gb, workers=workers, epoch_budget=epoch_budget, quiet=quiet,
+        site_holdout=site_holdout, views=views, instance_dropout=instance_dropout,
+        feature_noise=feature_noise,
     )  # fmt: skip
+    if model_option:
+        options["model_options"] = {**_file_model_options(config), **_key_values(model_option)}
     resolved = build(TrainConfig, section="train", config_file=config, overrides=options)
     result = run_train(work, out, resolved)
     if not result.is_main:  # under torchrun, rank 0 speaks for the job
@@ -86,3 +102,26 @@ def train(
         )
     else:
         typer.echo(f"{len(finished)} fold(s) trained -> {out}")
+
+
+def _key_values(items: list[str]) -> dict[str, str]:
+    """``["k=8", "weight=0.3"]`` -> ``{"k": "8", "weight": "0.3"}`` (values coerced later to the
+    type of each option's default)."""
+    parsed = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--model-option")
+        parsed[key.strip()] = value.strip()
+    return parsed
+
+
+def _file_model_options(config: Path | None) -> dict:
+    """The config file's ``train.model_options`` (``--model-option`` adds to them)."""
+    from slidemil.config import read_yaml
+
+    if config is None:
+        return {}
+    section = read_yaml(config).get("train")
+    options = section.get("model_options") if isinstance(section, dict) else None
+    return dict(options) if isinstance(options, dict) else {}

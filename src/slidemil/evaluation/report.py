@@ -101,6 +101,7 @@ class EvaluationReport:
     metrics: pd.DataFrame = field(default_factory=pd.DataFrame)  # metrics.csv
     per_class: pd.DataFrame = field(default_factory=pd.DataFrame)  # per_class.csv
     predictions: pd.DataFrame = field(default_factory=pd.DataFrame)  # predictions.csv
+    per_site: pd.DataFrame = field(default_factory=pd.DataFrame)  # per_site.csv (empty: no sites)
     files: list[Path] = field(default_factory=list)
 
     @property

@@ -12,6 +12,7 @@ import pandas as pd
 
 from slidemil import atomic
 from slidemil.evaluation.metrics import json_number
+from slidemil.evaluation.per_site import per_site_markdown, per_site_rich_table, per_site_table
 from slidemil.evaluation.run_files import RunInfo
 
 if TYPE_CHECKING:
@@ -264,12 +265,15 @@ def write_tables(report: EvaluationReport, run: RunInfo) -> None:
     report.metrics = metrics_table(report)
     report.per_class = per_class_table(report)
     report.predictions = predictions_table(report)
+    report.per_site = per_site_table(report)
     tables = {
         "metrics.csv": report.metrics,
         "per_class.csv": report.per_class,
         "confusion_matrices.csv": confusion_table(report),
         "predictions.csv": report.predictions,
     }
+    if not report.per_site.empty:
+        tables["per_site.csv"] = report.per_site
     if report.temperatures:
         tables["calibration.csv"] = calibration_table(report)
     thresholds = thresholds_table(report)
@@ -304,6 +308,10 @@ def write_tables(report: EvaluationReport, run: RunInfo) -> None:
             "temperatures": {str(k): v for k, v in report.temperatures.items()},
         },
         "metrics": {level: summary_rows(report, level) for level in report.levels},
+        "per_site": [
+            {k: json_number(v) if isinstance(v, float) else v for k, v in row.items()}
+            for row in report.per_site.to_dict("records")
+        ],
     }
     atomic.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     atomic.write_text(out / "summary.md", summary_markdown(report, run))
@@ -359,6 +367,7 @@ def summary_markdown(report: EvaluationReport, run: RunInfo) -> str:
                 f"| {r['level']} | {r['fold']} | {t} | {r['ece_before']:.3f} → "
                 f"{r['ece_after']:.3f} | {r['brier_before']:.3f} → {r['brier_after']:.3f} |"
             )
+    lines += per_site_markdown(report.per_site)
     thresholds = thresholds_table(report)
     if not thresholds.empty:
         lines += ["", f"## Operating point ({config.operating_point}, chosen on validation)", "",
@@ -422,4 +431,6 @@ def print_table(report: EvaluationReport) -> None:
                 *(per_fold if show_folds else ()),
             )
         console.print(table)
+    if not report.per_site.empty:
+        console.print(per_site_rich_table(report.per_site, f"{report.run_dir.name}: per site"))
     console.print(f"report: {report.out_dir}")

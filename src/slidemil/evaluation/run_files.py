@@ -3,7 +3,8 @@ prediction tables, and an external cohort's ``predictions.csv`` written by ``sli
 and aggregating slide rows into patient rows.
 
 Every table is returned in one shape: ``slide_id, patient_id, label, label_index, fold,
-prob_<class>...`` (run class order), checked against the run's class names.
+prob_<class>...`` (run class order; ``site`` after ``patient_id`` when the file has one), checked
+against the run's class names.
 """
 
 from __future__ import annotations
@@ -174,10 +175,12 @@ def _checked_table(
         raise ArtifactError(path, "probability columns hold empty or non-numeric values")
     patient = frame["patient_id"] if "patient_id" in frame.columns else frame["slide_id"]
     patient = patient.fillna(frame["slide_id"])
+    site = {"site": frame["site"].fillna("").astype(str)} if "site" in frame.columns else {}
     return pd.DataFrame(
         {
             "slide_id": frame["slide_id"].astype(str),
             "patient_id": patient.astype(str),
+            **site,
             "label": [class_names[i] for i in label_index],
             "label_index": label_index.to_numpy(),
             "fold": fold,
@@ -232,7 +235,8 @@ def aggregate_patients(
         patients[prob_columns[0]] = 1.0 - patients[prob_columns[1]]
     patients["label"] = [class_names[i] for i in patients["label_index"]]
     columns = ["slide_id", "patient_id", "n_slides", "label", "label_index", "fold", *prob_columns]
-    extra = [c for c in predictions.columns if c not in columns and c in ("calibration",)]
+    # a patient's slides share these (one site per patient under site holdout)
+    extra = [c for c in predictions.columns if c not in columns and c in ("calibration", "site")]
     for column in extra:
         patients[column] = groups[column].first().to_numpy()
     return patients[columns + extra]

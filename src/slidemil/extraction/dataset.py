@@ -8,7 +8,9 @@ CPU: on the device the batch is viewed as channels-last NCHW); the main process 
 the device and runs the encoder, so reading hides behind compute. With ``device_decode`` a worker
 reading JPEG tiles with the tile reader returns the raw tiles instead (``jpeg``: a
 :class:`~slidemil.readers.device_decode.JpegPatchBatch`), for the main process to decode on the
-GPU (:func:`device_images`), so the CPU cores only do file I/O. A read failure
+GPU (:func:`device_images`), so the CPU cores only do file I/O. Given a stain normaliser and an
+augmenter (extraction on the CPU), the workers also normalise the patches and make their
+augmented views, so the main process only encodes. A read failure
 does not kill the loader: it comes back as a batch carrying the error, and the slide is recorded
 as failed.
 """
@@ -72,13 +74,17 @@ class PatchBatches:
 
     Keys: ``slide_index`` (int), ``start``/``stop`` (patch rows), ``last`` (bool), ``images``
     (uint8 tensor (B, patch_size, patch_size, 3), NHWC), ``jpeg`` (the raw tiles of the batch
-    instead of ``images``, only with ``device_decode``; else ``None``), ``reader`` (the reader
-    used, ``"openslide"`` or ``"tiles"``) and ``error`` (a
+    instead of ``images``, only with ``device_decode``; else ``None``), ``views`` (uint8
+    (K, B, patch_size, patch_size, 3), only with an ``augmenter``; else ``None``), ``reader``
+    (the reader used, ``"openslide"`` or ``"tiles"``) and ``error`` (a
     :class:`~slidemil.errors.SlidemilError`, or ``None``).
 
     Args:
         reader: ``auto``, ``openslide`` or ``tiles`` (see :func:`~slidemil.readers.pick_reader`).
         device_decode: hand JPEG tiles read by the tile reader to the main process undecoded.
+        normalizer: a stain normaliser applied to ``images`` here (on the CPU).
+        augmenter: an :class:`~slidemil.augmentation.views.Augmenter` whose views of the
+            (normalised) images are made here (on the CPU).
     """
 
     def __init__(
@@ -87,13 +93,19 @@ class PatchBatches:
         batch_size: int,
         reader: ReaderName = "auto",
         device_decode: bool = False,
+        normalizer: Any = None,
+        augmenter: Any = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if device_decode and (normalizer is not None or augmenter is not None):
+            raise ValueError("tiles decoded on the device cannot be augmented by the readers")
         self.slides = slides
         self.refs = plan_batches(slides, batch_size)
         self.reader = reader
         self.device_decode = device_decode
+        self.normalizer = normalizer
+        self.augmenter = augmenter
         self._handles: OrderedDict[str, SlideReader] = OrderedDict()
         self._broken: dict[str, SlidemilError] = {}
 
@@ -113,7 +125,7 @@ class PatchBatches:
         slide = self.slides[ref.slide_index]
         item: dict[str, Any] = {
             "slide_index": ref.slide_index, "start": ref.start, "stop": ref.stop,
-            "last": ref.last, "error": None, "jpeg": None, "reader": None,
+            "last": ref.last, "error": None, "jpeg": None, "reader": None, "views": None,
         }  # fmt: skip
         size = slide.patches.patch_size if slide.patches is not None else 1
         empty = torch.zeros((0, size, size, 3), dtype=torch.uint8)
@@ -137,9 +149,27 @@ class PatchBatches:
             return item
         if isinstance(images, np.ndarray):
             item["images"] = torch.from_numpy(images)
+            if self.normalizer is not None or self.augmenter is not None:
+                coords = slide.patches.coords[ref.start : ref.stop]
+                item["images"], item["views"] = self._prepare(item["images"], slide, coords)
         else:
             item["images"], item["jpeg"] = empty, images
         return item
+
+    def _prepare(self, images: Any, slide: SlidePatches, coords: np.ndarray) -> tuple[Any, Any]:
+        """Stain-normalised images (NHWC) and their views ((K, B, H, W, 3), or ``None``)."""
+        import torch
+
+        x = images.permute(0, 3, 1, 2)
+        with torch.no_grad():  # not inference mode: these tensors go to shared memory
+            if self.normalizer is not None:
+                x = self.normalizer(x)
+                images = x.permute(0, 2, 3, 1).contiguous()
+            if self.augmenter is None:
+                return images, None
+            keys = self.augmenter.keys(slide.slide_id, coords)
+            views = [self.augmenter(x, keys, v) for v in range(self.augmenter.views)]
+            return images, torch.stack([v.permute(0, 2, 3, 1) for v in views])
 
     def _read(self, slide: SlidePatches, start: int, stop: int) -> tuple[Any, str]:
         """The batch's patches (RGB NHWC, or their raw JPEG tiles) and the reader's name."""

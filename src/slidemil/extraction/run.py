@@ -19,7 +19,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
@@ -46,6 +46,7 @@ from slidemil.extraction.dataset import (
 from slidemil.extraction.distributed import RankInfo, rank_shard
 from slidemil.formats.feature_file import (
     FEATURE_IDENTITY_KEYS,
+    IDENTITY_DEFAULTS,
     FeatureWriter,
     is_complete_feature_file,
 )
@@ -60,6 +61,9 @@ from slidemil.runner import (
     read_failures,
 )
 
+if TYPE_CHECKING:
+    from slidemil.stain import StainNormalizer
+
 log = logging.getLogger(__name__)
 
 CONFIG_NAME = "extract_config.yaml"
@@ -67,19 +71,42 @@ CONFIG_NAME = "extract_config.yaml"
 MAX_COPIES_IN_FLIGHT = 8
 
 
-def extract(work: str | Path, config: ExtractConfig | None = None, **options: Any) -> RunSummary:
+def extract(
+    work: str | Path,
+    config: ExtractConfig | None = None,
+    *,
+    stain_normalizer: StainNormalizer | None = None,
+    **options: Any,
+) -> RunSummary:
     """Encode every patch of every slide in ``work`` (a folder made by ``slidemil patch``).
 
     Reads ``work/cohort.csv`` and ``work/patches/<slide_id>.h5``; writes
     ``work/features/<name>/<slide_id>.h5``, ``failures.csv`` and ``extract_config.yaml`` there.
     Options are :class:`ExtractConfig` fields, e.g. ``extract("work", encoder="resnet18",
-    weights="random", device="cpu")``. Finished slides are skipped (a slide re-patched since is
-    encoded again); under ``torchrun`` each rank takes its own shard of slides and GPU. A slide
-    with no patches gets an empty (0, D) bag; a slide whose patch file or slide file cannot be
-    read is recorded in ``failures.csv`` and the others go on (``strict=True``: such bad rows,
-    found before any work, refuse the run). Processes sharing the folder lock each slide.
+    weights="random", device="cpu")``. Finished slides are skipped (a slide re-patched since,
+    or whose file holds other views than asked, is encoded again); under ``torchrun`` each rank
+    takes its own shard of slides and GPU. A slide with no patches gets an empty (0, D) bag; a
+    slide whose patch file or slide file cannot be read is recorded in ``failures.csv`` and the
+    others go on (``strict=True``: such bad rows, found before any work, refuse the run).
+    Processes sharing the folder lock each slide.
+
+    ``views=K`` also stores K augmented views of every patch (``/views``, see
+    :mod:`slidemil.augmentation`); ``stain_norm`` + ``stain_target`` normalise every patch before
+    augmentation and the encoder. ``stain_normalizer``: an already fitted normaliser to apply
+    instead (prediction passes the one a run was trained with); not with ``stain_norm``.
     """
     config = config or build(ExtractConfig, section="extract", overrides=options)
+    if stain_normalizer is not None and config.stain_norm is not None:
+        raise ConfigError(
+            None, "both a fitted stain normaliser and --stain-norm given", "give one of them"
+        )
+    normalizer = stain_normalizer or _fit_stain_normalizer(config)
+    augmentation = config.augment_spec()
+    expected = {
+        "n_views": config.views,
+        "augmentation": None if augmentation is None else augmentation.to_record(),
+        "stain_normalization": None if normalizer is None else normalizer.to_state(),
+    }
     work = Path(work)
     # A slide gone since patching fails alone (failures.csv), not the whole cohort.
     cohort = load_cohort(work / "cohort.csv", require_labels=False, check_files=False)
@@ -99,8 +126,9 @@ def extract(work: str | Path, config: ExtractConfig | None = None, **options: An
         if fingerprint is None:
             return False  # unreadable patch file: the stream records the failure
         return is_complete_feature_file(
-            out_dir / f"{task.slide_id}.h5", spec.name, patch_fingerprint_=fingerprint
-        )
+            out_dir / f"{task.slide_id}.h5", spec.name, patch_fingerprint_=fingerprint,
+            attrs=expected,
+        )  # fmt: skip
 
     upstream = {r["slide_id"]: r for r in read_failures(work / "patches").to_dict("records")}
     plan = plan_slides(
@@ -114,12 +142,18 @@ def extract(work: str | Path, config: ExtractConfig | None = None, **options: An
         encoder = get_encoder(
             config.encoder, config.weights, revision=config.revision, progress=not config.quiet
         )
-        identity = _identity(encoder, config)
+        identity = {
+            **_identity(encoder, config),
+            "stain_normalization": expected["stain_normalization"],
+            "augmentation": expected["augmentation"],
+        }
         _check_same_features(out_dir, identity)
         write_resolved(
             out_dir / CONFIG_NAME, {"extract": config, "identity": {**identity, "device": device}}
         )
-        stream = FeatureStream(encoder, todo, config, device, out_dir, identity)
+        stream = FeatureStream(
+            encoder, todo, config, device, out_dir, identity, normalizer=normalizer
+        )
 
     def remove_temps(task: Task) -> None:  # a killed run's, for a slide this process now holds
         atomic.remove_temps(out_dir, task.slide_id)
@@ -174,20 +208,42 @@ def _identity(encoder: Encoder, config: ExtractConfig) -> dict[str, Any]:
     }
 
 
+def _fit_stain_normalizer(config: ExtractConfig) -> StainNormalizer | None:
+    """The normaliser ``--stain-norm`` fits on ``--stain-target`` (once, in this process)."""
+    if config.stain_norm is None:
+        return None
+    from slidemil.stain import fit_stain_normalizer
+
+    return fit_stain_normalizer(config.stain_norm, config.stain_target)
+
+
 def _check_same_features(out_dir: Path, identity: dict[str, Any]) -> None:
-    """Refuse to mix features of other weights / transform / dtype in one folder."""
+    """Refuse to mix features of other weights / transform / dtype / stain normalisation in one
+    folder (other views are not refused: files holding other views are redone)."""
     record = out_dir / CONFIG_NAME
     if not record.is_file():
         return
     previous = read_yaml(record).get("identity") or {}
+    for key, value in IDENTITY_DEFAULTS.items():  # recorded before the key existed
+        previous.setdefault(key, value)
     changed = [k for k in FEATURE_IDENTITY_KEYS if k in previous and previous[k] != identity[k]]
     if changed:
         raise ConfigError(
             out_dir,
             f"holds features made with another {', '.join(changed)} "
-            f"({', '.join(f'{k}={previous[k]}' for k in changed)})",
+            f"({', '.join(f'{k}={_shown(k, previous[k])}' for k in changed)})",
             "choose another --features-name or delete the folder",
         )
+
+
+def _shown(key: str, value: Any) -> str:
+    """A recorded identity value for a one-line message (a stain state by its method and
+    target, not its fitted numbers)."""
+    if key == "stain_normalization":
+        from slidemil.stain.describe import describe_stain_state
+
+        return describe_stain_state(value)
+    return str(value)
 
 
 class FeatureStream:
@@ -201,10 +257,17 @@ class FeatureStream:
         device: str,
         out_dir: Path,
         identity: dict[str, Any],
+        normalizer: StainNormalizer | None = None,
     ):
         import torch
 
+        from slidemil.augmentation.views import Augmenter
+
         self.encoder, self.config, self.out_dir = encoder, config, out_dir
+        self.normalizer = normalizer
+        spec = config.augment_spec()
+        self.augmenter = None if spec is None else Augmenter(spec)
+        self.views = config.views
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         if self.cuda:
@@ -226,6 +289,12 @@ class FeatureStream:
         # JPEG tiles decoded on the GPU (workers only fetch their bytes), or by the workers
         decode = config.decode
         self.device_decode = decode == "device" or (decode == "auto" and self.cuda)
+        # On the CPU the reader workers normalise and augment (in parallel with the encoder in
+        # this process); on a GPU this process does, batched on the device.
+        self.prepare_in_readers = (
+            self.device.type == "cpu" and config.workers > 0 and not self.device_decode
+            and (normalizer is not None or self.augmenter is not None)
+        )  # fmt: skip
         self.patches_done = 0
         self.seconds = 0.0
         self._start = time.perf_counter()
@@ -240,9 +309,12 @@ class FeatureStream:
         from torch.utils.data import Subset
 
         if self._batches is None:
+            readers_do = self.prepare_in_readers
             dataset: Any = PatchBatches(
                 self.slides, self.config.batch_size, reader=self.config.reader,
                 device_decode=self.device_decode,
+                normalizer=self.normalizer if readers_do else None,
+                augmenter=self.augmenter if readers_do else None,
             )  # fmt: skip
             if self._restart_at:
                 first = next(
@@ -291,7 +363,7 @@ class FeatureStream:
         with FeatureWriter(
             self.out_dir / f"{slide.slide_id}.h5", slide.patches.coords,
             dim=self.encoder.output_dim, dtype=self.config.dtype,
-            attrs=_attrs(slide, self.identity),
+            attrs=_attrs(slide, self.identity), views=self.views,
         ) as out:  # fmt: skip
             error = self._encode_until(index, out)
             if error is not None:
@@ -324,36 +396,58 @@ class FeatureStream:
                     error = SlideReadError(slide.slide_path, e.problem)
                     images = None
                 if images is not None:
-                    features = self._forward(images)
+                    coords = slide.patches.coords[batch["start"] : batch["stop"]]
+                    features = self._forward(images, slide.slide_id, coords, batch["views"])
                     self._land(copies, features, out)
-                    self.patches_done += features.shape[0]
-                    self.bar.update(features.shape[0])
+                    self.patches_done += features.shape[1]
+                    self.bar.update(features.shape[1])
             if batch["last"]:
                 while copies:
                     self._write_oldest(copies, out)
                 return error
 
-    def _forward(self, images: Any) -> Any:
+    def _forward(self, images: Any, slide_id: str, coords: Any, views: Any = None) -> Any:
+        """Features (1 + K, B, D) in the stored dtype: the plain patches', then each view's.
+
+        Stain normalisation, then augmentation run on the device in float32 (outside autocast),
+        unless the readers did both (``views``: their (K, B, H, W, 3) views); ``coords`` (B, 2)
+        level-0 px make each view reproducible whatever the batching.
+        """
         import torch
 
         # NHWC uint8 from the workers; permuting gives an NCHW view with channels-last strides.
         x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
-        with torch.inference_mode(), self._autocast_context():
+        with torch.inference_mode():
+            if views is not None or self.prepare_in_readers:
+                made = [] if views is None else [v.permute(0, 3, 1, 2) for v in views]
+                return torch.stack([self._encode(y) for y in (x, *made)])
+            if self.normalizer is not None:
+                x = self.normalizer(x).contiguous(memory_format=torch.channels_last)
+            outputs = [self._encode(x)]
+            if self.augmenter is not None:
+                keys = self.augmenter.keys(slide_id, coords)
+                outputs += [self._encode(self.augmenter(x, keys, v)) for v in range(self.views)]
+            return torch.stack(outputs)
+
+    def _encode(self, x: Any) -> Any:
+        """The encoder's features (B, D) of uint8 images (B, 3, H, W), in the stored dtype."""
+        with self._autocast_context():
             features = self.model(self.encoder.preprocess(x))
-            if features.shape[1:] != (self.encoder.output_dim,):
-                raise ArtifactError(
-                    None,
-                    f"encoder {self.encoder.name!r} gave {tuple(features.shape)}, expected "
-                    f"(B, {self.encoder.output_dim})",
-                )
-            return features.to(self.store_dtype)
+        if features.shape[1:] != (self.encoder.output_dim,):
+            raise ArtifactError(
+                None,
+                f"encoder {self.encoder.name!r} gave {tuple(features.shape)}, expected "
+                f"(B, {self.encoder.output_dim})",
+            )
+        return features.to(self.store_dtype)
 
     def _land(self, copies: deque[tuple[Any, Any]], features: Any, out: FeatureWriter) -> None:
-        """Write ``features`` now (CPU) or after its async device->host copy has landed (CUDA)."""
+        """Write ``features`` (1 + K, B, D) now (CPU) or after its async device->host copy has
+        landed (CUDA)."""
         import torch
 
         if not self.cuda:
-            out.write(features.numpy())
+            _write(out, features.numpy())
             return
         host = torch.empty(features.shape, dtype=features.dtype, pin_memory=True)
         host.copy_(features, non_blocking=True)
@@ -369,7 +463,7 @@ class FeatureStream:
         host, landed = copies.popleft()
         landed.synchronize()
         if out is not None:
-            out.write(host.numpy())
+            _write(out, host.numpy())
 
     def _autocast_context(self) -> Any:
         import contextlib
@@ -384,6 +478,11 @@ class FeatureStream:
         self.seconds = time.perf_counter() - self._start
         self.bar.close()
         self._batches = None  # shuts the DataLoader workers down
+
+
+def _write(out: FeatureWriter, features: Any) -> None:
+    """Hand a (1 + K, B, D) block to the writer: plain rows, and the K views when there are."""
+    out.write(features[0], features[1:] if features.shape[0] > 1 else None)
 
 
 class _ReaderDiedError(Exception):
@@ -418,6 +517,8 @@ def _attrs(slide: SlidePatches, identity: dict[str, Any]) -> dict[str, Any]:
         "input_size": _input_size(identity, patches.patch_size),
         "precision": identity["precision"],
         "patch_fingerprint": patches.fingerprint,
+        "augmentation": identity["augmentation"],
+        "stain_normalization": identity["stain_normalization"],
         **patches.geometry(),
     }
 

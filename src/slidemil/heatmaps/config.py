@@ -34,6 +34,13 @@ class HeatmapConfig(StageConfig):
     model: str = Field(
         "mean", description="which model's attention: 'mean' over folds, or a name like fold_0"
     )
+    class_name: str | None = Field(
+        None,
+        description="which class's patch scores to draw: a class name, 'predicted' (each "
+        "slide's predicted class) or 'all' (one map per class, <slide_id>_<class>.*, where the "
+        "scores are class-specific); default: the attention weights (--explain attention) or "
+        "the predicted class's scores (--explain ig)",
+    )
     cmap: ColourMap = Field("jet", description="matplotlib colour map")
     alpha: float = Field(0.5, ge=0, le=1, description="opacity of the heat map over the slide")
     smooth: float = Field(

@@ -11,11 +11,16 @@ from slidemil import atomic
 from slidemil.atomic import is_temp_file
 from slidemil.cohort import load_cohort
 from slidemil.config import build, write_resolved
-from slidemil.errors import ArtifactError, SlidemilError
-from slidemil.formats.attention_file import read_attention_attrs, read_attention_file
+from slidemil.errors import ArtifactError, ConfigError, SlidemilError
+from slidemil.formats.attention_file import (
+    AttentionMap,
+    read_attention_attrs,
+    read_attention_file,
+)
 from slidemil.heatmaps.config import HeatmapConfig
 from slidemil.heatmaps.export import heat_grid, write_geojson, write_heatmap_tiff
 from slidemil.heatmaps.figure import gallery_figure, heatmap_figure, heatmap_title, save_figure
+from slidemil.heatmaps.maps import ScoreMap, chosen_maps, map_scores
 from slidemil.heatmaps.render import colorize, normalise_scores, overlay, rasterise, smooth
 from slidemil.inputs import slide_file_problem
 from slidemil.runner import RunSummary, Shard, Task, options_fingerprint, plan_slides
@@ -38,7 +43,11 @@ def heatmap(
     Writes ``out/<slide_id>.png`` (overlay, colour bar, predicted class in the title),
     ``<slide_id>_gallery.png`` (top- and bottom-k patches), ``<slide_id>.geojson`` (QuPath tiles)
     and, with ``tiff=True``, ``<slide_id>.tiff`` (pyramidal, full resolution). ``out`` defaults
-    to ``predictions/heatmaps``. Finished slides are skipped on a rerun with the same options;
+    to ``predictions/heatmaps``. ``class_name`` draws one class's scores instead of the
+    attention weights (``"predicted"``: each slide's predicted class; ``"all"``: one set of
+    outputs per class, ``<slide_id>_<class>.png`` ..., where the scores are class-specific); a
+    class the files lack is a :class:`ConfigError` before any drawing. Finished slides are
+    skipped on a rerun with the same options;
     with other drawing options (or a new attention file) a slide is drawn again, also when an
     earlier run with those options was interrupted: each slide's outputs count as done only
     with the options fingerprint they were drawn with (``out/.done/<slide_id>.json``). A slide
@@ -55,6 +64,7 @@ def heatmap(
     files = [f for f in found if not is_temp_file(f)]
     if not files:
         raise ArtifactError(attention_dir, "no attention files", "run slidemil predict first")
+    _check_class_choice(files, config.class_name)
     paths = {}
     if config.cohort is not None:
         cohort = load_cohort(config.cohort, require_labels=False, check_files=False)
@@ -72,8 +82,19 @@ def heatmap(
     suffixes += [".tiff"] if config.tiff else []
     drawing = config.model_dump(mode="json", exclude=set(RUNTIME_OPTIONS))
 
+    def stems(task: Task) -> list[str]:
+        """The output stems of a slide's maps (none when its file cannot say: the input check
+        records why)."""
+        try:
+            attrs = read_attention_attrs(task.args[0])
+            maps = chosen_maps(attrs, task.slide_id, config.class_name, task.args[0])
+        except SlidemilError:
+            return []
+        return [m.stem for m in maps]
+
     def is_done(task: Task) -> bool:
-        return all((out / f"{task.slide_id}{s}").is_file() for s in suffixes)
+        names = stems(task)
+        return bool(names) and all((out / f"{n}{s}").is_file() for n in names for s in suffixes)
 
     def fingerprint(task: Task) -> str:
         # the drawing options and the attention file drawn: new scores are drawn again too
@@ -87,8 +108,9 @@ def heatmap(
     write_resolved(out / CONFIG_NAME, {"heatmap": config})
 
     def remove_temps(task: Task) -> None:  # a killed run's, for a slide this process now holds
-        atomic.remove_temps(out, task.slide_id)
-        atomic.remove_temps(out, f"{task.slide_id}_gallery")
+        for stem in {task.slide_id, *stems(task)}:
+            atomic.remove_temps(out, stem)
+            atomic.remove_temps(out, f"{stem}_gallery")
 
     return plan.run(
         render_slide, workers=min(config.workers, os.cpu_count() or 1), quiet=config.quiet,
@@ -104,10 +126,31 @@ def _input_problem(task: Task) -> SlidemilError | None:
         attrs = read_attention_attrs(attention_path)
     except SlidemilError as e:
         return e
+    try:
+        chosen_maps(attrs, task.slide_id, task.args[4].class_name, attention_path)
+    except SlidemilError as e:
+        return e
     slide_path = slide_path or attrs.get("slide_path")
     if not slide_path:
         return ArtifactError(attention_path, "records no slide path", "pass --cohort CSV")
     return slide_file_problem(slide_path)
+
+
+def _check_class_choice(files: list[Path], class_name: str | None) -> None:
+    """Refuse a class that the run does not have (checked on the first readable file: every
+    file of one predictions folder has the run's classes), before any drawing."""
+    if class_name is None:
+        return
+    for file in files:
+        try:
+            attrs = read_attention_attrs(file)
+        except SlidemilError:
+            continue  # a bad file is a bad row, recorded later
+        try:
+            chosen_maps(attrs, file.stem, class_name, file)
+        except ArtifactError as e:
+            raise ConfigError(None, f"--class {class_name}: {e}") from e
+        return
 
 
 def render_slide(
@@ -118,63 +161,69 @@ def render_slide(
     out: str,
     config: HeatmapConfig,
 ) -> dict[str, str]:
-    """All heat-map outputs of one slide (a worker-process function)."""
+    """All heat-map outputs of one slide, for each map its ``class_name`` asks for (a
+    worker-process function)."""
     attention = read_attention_file(attention_path)
     attention.check_placeable()  # features without a patch geometry: only the map fails
     attrs = attention.attrs
-    scores, raw = _scores(attention, config.model, attention_path)
-    shown = normalise_scores(scores, config.normalisation)
+    maps = chosen_maps(attrs, slide_id, config.class_name, attention_path)
     slide_path = slide_path or attrs.get("slide_path")
     if not slide_path:
         raise ArtifactError(attention_path, "records no slide path", "pass --cohort CSV")
-    out_dir = Path(out)
-    size0 = attention.patch_size_level0
-    title = heatmap_title(slide_id, attrs)
     written = {}
     mpp_override = slide_mpp or attrs.get("slide_mpp")
     with Slide(slide_path, mpp_override=mpp_override, reader=config.reader) as slide:
         thumb, downsample = slide.thumbnail(config.thumbnail_size)
-        canvas = rasterise(attention.coords, shown, size0, thumb.shape[:2], downsample)
-        canvas = smooth(canvas, config.smooth * size0 / downsample)
-        image = overlay(thumb, colorize(canvas, config.cmap), config.alpha)
-        figure = heatmap_figure(image, title, config.cmap, f"attention ({config.normalisation})")
-        written["png"] = str(save_figure(figure, out_dir / f"{slide_id}.png"))
-        if config.top_k > 0:
-            figure = gallery_figure(*_gallery(slide, attention, scores, config.top_k), title)
-            written["gallery"] = str(save_figure(figure, out_dir / f"{slide_id}_gallery.png"))
-        if config.geojson:
-            measurements = {"attention": scores, "attention_raw": raw, "attention_shown": shown}
-            written["geojson"] = str(
-                write_geojson(
-                    out_dir / f"{slide_id}.geojson", attention.coords, size0, measurements
-                )
-            )
-        if config.tiff:
-            grid, cell = heat_grid(attention.coords, shown, size0, slide.dimensions, config.smooth)
-            tiff = write_heatmap_tiff(
-                out_dir / f"{slide_id}.tiff",
-                slide,
-                grid,
-                cell,
-                cmap=config.cmap,
-                alpha=config.alpha,
-            )
-            written["tiff"] = str(tiff)
+        for score_map in maps:
+            outputs = _render_map(attention, score_map, slide, thumb, downsample, Path(out), config)
+            key = "" if score_map.stem == slide_id else f"{score_map.class_name}:"
+            written.update({f"{key}{kind}": path for kind, path in outputs.items()})
     return written
 
 
-def _scores(attention, model: str, path) -> tuple[np.ndarray, np.ndarray]:
-    """(N,) attention and raw scores of ``model``: one fold's columns, or the mean over all."""
-    if model == "mean":
-        return attention.mean_attention(), attention.attention_raw.mean(axis=1)
-    names = attention.attrs.get("models") or []
-    if model not in names:
-        raise ArtifactError(
-            path, f"no attention of model {model!r}; it has {', '.join(names) or 'none'}",
-            "choose one of those with --model, or 'mean'",
-        )  # fmt: skip
-    column = names.index(model)
-    return attention.attention[:, column], attention.attention_raw[:, column]
+def _render_map(
+    attention: AttentionMap,
+    score_map: ScoreMap,
+    slide: Slide,
+    thumb: np.ndarray,
+    downsample: float,
+    out_dir: Path,
+    config: HeatmapConfig,
+) -> dict[str, str]:
+    """The outputs of one map (figure, gallery, GeoJSON, TIFF) named from its stem."""
+    scores, raw = map_scores(attention, score_map, config.model)
+    shown = normalise_scores(scores, config.normalisation)
+    size0 = attention.patch_size_level0
+    stem = score_map.stem
+    title = heatmap_title(attention.attrs.get("slide_id") or stem, attention.attrs)
+    if score_map.class_name is not None:
+        title = f"{title}; {score_map.label}"
+    written = {}
+    canvas = rasterise(attention.coords, shown, size0, thumb.shape[:2], downsample)
+    canvas = smooth(canvas, config.smooth * size0 / downsample)
+    image = overlay(thumb, colorize(canvas, config.cmap), config.alpha)
+    label = f"{score_map.label} ({config.normalisation})"
+    figure = heatmap_figure(image, title, config.cmap, label)
+    written["png"] = str(save_figure(figure, out_dir / f"{stem}.png"))
+    if config.top_k > 0:
+        figure = gallery_figure(*_gallery(slide, attention, scores, config.top_k), title)
+        written["gallery"] = str(save_figure(figure, out_dir / f"{stem}_gallery.png"))
+    if config.geojson:
+        if score_map.class_name is None:
+            measurements = {"attention": scores, "attention_raw": raw, "attention_shown": shown}
+        else:
+            name = f"{score_map.method} {score_map.class_name}"
+            measurements = {name: scores, f"{name} shown": shown}
+        written["geojson"] = str(
+            write_geojson(out_dir / f"{stem}.geojson", attention.coords, size0, measurements)
+        )
+    if config.tiff:
+        grid, cell = heat_grid(attention.coords, shown, size0, slide.dimensions, config.smooth)
+        tiff = write_heatmap_tiff(
+            out_dir / f"{stem}.tiff", slide, grid, cell, cmap=config.cmap, alpha=config.alpha
+        )
+        written["tiff"] = str(tiff)
+    return written
 
 
 def _gallery(slide: Slide, attention, scores: np.ndarray, k: int):

@@ -8,7 +8,7 @@ definition (CLAM-SB and TransMIL fit as single entries).
 """
 
 # Importing the definition modules registers their models.
-from slidemil.models import abmil, pooling  # noqa: F401
+from slidemil.models import abmil, clam, dsmil, pooling, transmil  # noqa: F401
 from slidemil.models.registry import (
     ModelEntry,
     build_model,

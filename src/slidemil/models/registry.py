@@ -1,23 +1,49 @@
 """The MIL model registry: ``@register_model`` next to each definition, like timm's.
 
-Every registered builder takes ``in_dim`` (feature size D) and ``n_classes`` plus its own keyword
-arguments, and returns a module whose ``forward(features (B, N, D), mask (B, N) bool,
-return_scores=False)`` gives ``(logits (B, C), attention (B, N))``, plus the raw attention scores
-(B, N) (``-inf`` on padding) when ``return_scores`` is True. A checkpoint stores the name and the
-keyword arguments, so :func:`build_model` rebuilds the same model with nothing else.
+A registered builder takes ``in_dim`` (feature size D) and ``n_classes`` plus its own keyword
+arguments with defaults, which are the model's options (:meth:`ModelEntry.defaults`; ``slidemil
+train --model-option KEY=VALUE`` and YAML ``train: model_options:`` set them, checked and coerced
+by :meth:`ModelEntry.resolve_options`). A checkpoint stores the name and the keyword arguments,
+so :func:`build_model` rebuilds the same model with nothing else.
+
+MIL model interface, version 2 (what every registered model's module provides):
+
+- ``forward(features (B, N, D) float, mask (B, N) bool (True = real instance),
+  return_scores: bool = False, labels: Tensor | None = None)`` returns ``(logits (B, C),
+  attention (B, N))``: attention is the model's class-agnostic weight per instance (summing to 1
+  over the valid instances where the model has a softmax; 0 on padding). With
+  ``return_scores=True`` a third element ``scores`` (B, N): the raw native per-instance scores
+  before any softmax, ``-inf`` on padding (they compare across slides; heat maps use them).
+- Class attribute ``uses_labels: bool`` (absent = False). A model with ``uses_labels = True``
+  (CLAM) is called in training as ``model(features, mask, labels=labels)`` (labels (B,) int64, in
+  train mode) and then returns ``(logits, attention, auxiliary_loss)``, ``auxiliary_loss`` a scalar
+  tensor already weighted by the model's own option; the training loss is
+  ``BagLoss(logits, labels) + auxiliary_loss``. With ``labels=None`` it behaves like any other
+  model (validation, prediction, export).
+- Optional method ``class_scores(features, mask) -> Tensor (B, C, N)``: native per-class instance
+  scores (CLAM-MB's branches, DSMIL's per-class attention), ``-inf`` on padding. A model without
+  it is class-agnostic: its native explanation is the ``scores`` of ``return_scores=True``.
+- Padding never changes a bag's outputs: a bag alone and the same bag padded inside a batch give
+  the same logits, attention and scores (to ~1e-5); N = 1 works; ``eval()`` is deterministic.
+- It exports with ``slidemil export`` (ONNX with a dynamic N, and TorchScript) through
+  ``model(x[None], mask, return_scores=True)``.
+
+``tests/test_model_registry.py`` checks all of this for every registered entry.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import inspect
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import yaml
 from torch import nn
 
-from slidemil.errors import RegistryError
+from slidemil.errors import ConfigError, RegistryError
 
 ModelBuilder = Callable[..., nn.Module]
 
@@ -31,12 +57,28 @@ class ModelEntry:
     description: str
 
     def defaults(self) -> dict[str, Any]:
-        """The builder's keyword arguments with their default values."""
+        """The builder's keyword arguments with their default values: the model's options."""
         signature = inspect.signature(self.builder)
         return {
             name: p.default
             for name, p in signature.parameters.items()
             if p.default is not inspect.Parameter.empty
+        }
+
+    def resolve_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        """``options`` checked against the model's options and each value coerced to the type of
+        its default (``"8"`` -> 8 for an int, ``"false"`` -> False for a bool, ``"none"`` ->
+        None); an unknown key or a value of the wrong type raises ConfigError naming them."""
+        defaults = self.defaults()
+        unknown = sorted(set(options) - set(defaults))
+        if unknown:
+            raise ConfigError(
+                None,
+                f"MIL model {self.name!r} has no option(s) {', '.join(unknown)}",
+                f"its options are {_listed(defaults)}",
+            )
+        return {
+            key: _coerce(self.name, key, value, defaults[key]) for key, value in options.items()
         }
 
 
@@ -79,6 +121,72 @@ def build_model(name: str, *, in_dim: int, n_classes: int, **kwargs: Any) -> nn.
         raise RegistryError(
             None,
             f"MIL model {name!r} has no option(s) {', '.join(unknown)}",
-            f"its options are {', '.join(sorted(accepted)) or 'none'}",
+            f"its options are {_listed(accepted)}",
         )
     return entry.builder(in_dim=in_dim, n_classes=n_classes, **kwargs)
+
+
+def _listed(defaults: dict[str, Any]) -> str:
+    return ", ".join(f"{k} (default {v!r})" for k, v in sorted(defaults.items())) or "none"
+
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+_NONE = {"none", "null", "~", ""}
+
+
+def _coerce(model: str, key: str, value: Any, default: Any) -> Any:
+    """``value`` (a command-line string or a YAML value) as the type of ``default``."""
+
+    def refuse(expected: str) -> ConfigError:
+        return ConfigError(
+            None,
+            f"MIL model {model!r} option {key}={value!r}: expected {expected} "
+            f"(the default is {default!r})",
+        )
+
+    text = value.strip().lower() if isinstance(value, str) else None
+    if isinstance(default, bool):  # before int: bool is an int subclass
+        if isinstance(value, bool):
+            return value
+        if text in _TRUE or text in _FALSE:
+            return text in _TRUE
+        raise refuse("true or false")
+    if isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if text is not None:
+            try:
+                return int(text)
+            except ValueError:
+                pass
+        raise refuse("an integer")
+    if isinstance(default, float):
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            number = float(value)
+        elif text is not None:
+            try:
+                number = float(text)
+            except ValueError:
+                raise refuse("a number") from None
+        else:
+            raise refuse("a number")
+        if not math.isfinite(number):
+            raise refuse("a finite number")
+        return number
+    if isinstance(default, str):
+        if isinstance(value, str):
+            return value
+        raise refuse("a string")
+    if default is None:  # no type to follow: a string is read as YAML ("8" -> 8, "none" -> None)
+        if text in _NONE:
+            return None
+        return yaml.safe_load(value) if isinstance(value, str) else value
+    parsed = yaml.safe_load(value) if isinstance(value, str) else value  # e.g. "[1, 2]"
+    if isinstance(default, tuple) and isinstance(parsed, list):  # YAML has no tuples
+        parsed = tuple(parsed)
+    if isinstance(parsed, type(default)):
+        return parsed
+    raise refuse(f"a {type(default).__name__}")

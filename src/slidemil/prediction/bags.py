@@ -27,6 +27,7 @@ from slidemil.errors import ArtifactError, ConfigError, NoTissueError, SlidemilE
 from slidemil.formats.feature_file import read_feature_attrs, read_feature_file
 from slidemil.formats.foreign_patches import find_patch_file, foreign_format, patch_set_from_attrs
 from slidemil.formats.patch_file import PATCH_GEOMETRY_KEYS, PatchSet, read_patch_file
+from slidemil.stain.describe import describe_stain_state, same_stain_state
 
 
 @dataclass(frozen=True)
@@ -67,9 +68,9 @@ def read_slide_bag(
     identity: dict[str, Any] | None,
     hints: GeometryHints | None = None,
 ) -> SlideBag:
-    """Read and check a bag: the model's feature size, the recorded encoder, at least one patch;
-    then find its patch geometry (see the module docstring). A missing geometry never fails
-    the bag: it is recorded in ``geometry["geometry_problem"]``."""
+    """Read and check a bag: the model's feature size, the recorded encoder and stain
+    normalisation, at least one patch; then find its patch geometry (see the module docstring).
+    A missing geometry never fails the bag: it is recorded in ``geometry["geometry_problem"]``."""
     native = path.suffix == ".h5" and read_feature_attrs(path).get("format_version") is not None
     # slidemil files keep their stored dtype (float16 halves memory on a 200k-patch slide)
     bag = read_feature_file(path, dtype=None if native else np.float32)
@@ -88,6 +89,8 @@ def read_slide_bag(
                 f"{expected[0]} ({expected[1]})",
                 "extract with the run's encoder and weights",
             )
+    if identity is not None:
+        _check_stain_normalization(path, bag.attrs.get("stain_normalization"), identity)
     if len(bag) == 0:
         raise NoTissueError(path, "the slide has no patches", "check its tissue preview")
     has_coords = bool(bag.attrs.get("has_coords", True))
@@ -95,6 +98,20 @@ def read_slide_bag(
     if slide_mpp is not None:
         geometry["slide_mpp"] = slide_mpp  # the cohort's override, as patching used it
     return SlideBag(bag.features, coords, geometry, encoder, weights)
+
+
+def _check_stain_normalization(path: Path, found: Any, identity: dict[str, Any]) -> None:
+    """The bag must be stain-normalised as the training features were (a file that records no
+    normalisation, such as CLAM's or TRIDENT's, was not normalised)."""
+    expected = identity.get("stain_normalization")
+    if not same_stain_state(expected, found):
+        raise ConfigError(
+            path,
+            f"features made with {describe_stain_state(found)}; the model was trained on "
+            f"features made with {describe_stain_state(expected)}",
+            "predict from the slides (the run's stain normalisation is applied) or extract "
+            "with the same --stain-norm and --stain-target",
+        )
 
 
 def _place(

@@ -65,6 +65,23 @@ class PredictConfig(StageConfig):
         description="'temperature': divide each fold's logits by the temperature fitted by "
         "`slidemil evaluate RUN --calibrate temperature` (fold_<k>/calibration.json)",
     )
+    explain: Literal["attention", "ig"] = Field(
+        "attention",
+        description="how per-class patch scores are made: 'attention', the model's own scores "
+        "(per class where the model has them, e.g. clam-mb, dsmil); 'ig', integrated gradients "
+        "of each class logit, for any model (slower: ig_steps forward and C backward passes)",
+    )
+    ig_baseline: Literal["zero", "mean"] = Field(
+        "zero",
+        description="with --explain ig: the reference input, 'zero' (the training split's mean "
+        "feature, for standardised folds) or 'mean' (the slide's own mean feature)",
+    )
+    ig_steps: int = Field(
+        32,
+        ge=1,
+        le=1024,
+        description="with --explain ig: Gauss-Legendre steps of the path integral",
+    )
     strict: bool = Field(
         False,
         description="refuse the cohort when any row is bad (slide, mask or feature file missing, "

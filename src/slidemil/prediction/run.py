@@ -3,7 +3,8 @@
 Layout under ``out``::
 
     predictions.csv          slide_id, patient_id, [label], prob_<class> ..., predicted, n_patches
-    attention/<slide_id>.h5  coords, attention and raw scores per model (formats.attention_file)
+    attention/<slide_id>.h5  coords, attention, raw scores and per-class scores (by the
+                             ``explain`` method) per model (formats.attention_file)
     failures.csv             slides without a prediction, with the reason (no_tissue, ...)
     predict_config.yaml      the resolved options (and the patch / extract options used)
     work/                    raw slides only: cohort.csv, patches/, features/<encoder>/
@@ -28,6 +29,7 @@ from slidemil.config import build, write_resolved
 from slidemil.deployment.exported_run import ExportedRun
 from slidemil.devices import resolve_device
 from slidemil.errors import ConfigError, SlidemilError
+from slidemil.explanation.api import ExplanationSettings
 from slidemil.formats.attention_file import (
     AttentionMap,
     is_complete_attention_file,
@@ -81,9 +83,10 @@ def predict(
     ``slides_csv`` is a cohort CSV (``slide_id, path``; ``label``, ``patient_id``,
     ``slide_mpp`` optional). Raw slides are patched and encoded under ``out/work`` with the
     options the run recorded; ``features=`` skips that and reads ``<folder>/<slide_id>.h5``.
-    Options are :class:`PredictConfig` fields (``model="fold_0"``, ``step=128``, ...); a YAML
-    ``config_file``'s ``predict`` section supplies defaults. A slide that fails (no tissue, a
-    corrupt file) is recorded in ``out/failures.csv`` and the others go on.
+    Options are :class:`PredictConfig` fields (``model="fold_0"``, ``step=128``,
+    ``explain="ig"``, ...); a YAML ``config_file``'s ``predict`` section supplies defaults. A
+    slide that fails (no tissue, a corrupt file) is recorded in ``out/failures.csv`` and the
+    others go on.
     """
     config = config or build(
         PredictConfig, section="predict", config_file=config_file, overrides=options
@@ -97,21 +100,29 @@ def predict(
     out = Path(out)
     # a folder written by `slidemil export` stands in for the run folder
     exported = ExportedRun.is_export(run_dir)
+    if exported and config.explain != "attention":
+        raise ConfigError(
+            run_dir,
+            f"--explain {config.explain} differentiates the run's models; an exported graph "
+            "gives only its attention",
+            "predict with the training run folder, or with --explain attention",
+        )
     run = ExportedRun.open(run_dir) if exported else TrainedRun.open(run_dir)
+    explanation = ExplanationSettings(config.explain, config.ig_baseline, config.ig_steps)
     checkpoints = run.checkpoints(config.model)
     raw = config.features is None
     if raw:
         recorded_stages(run)  # before any work: can new slides be processed like the run's?
     # a missing or unreadable slide is a bad row (failures.csv), not a cohort error
     cohort = load_cohort(slides_csv, require_labels=False, check_files=False)
-    _check_same_predictions(out, run, list(checkpoints), config.calibrate)
+    _check_same_predictions(out, run, list(checkpoints), config.calibrate, explanation)
     device = resolve_device(config.device)
     if exported:
         ensemble = run.ensemble(device, config.calibrate)
     else:
         ensemble = Ensemble.load(
             checkpoints, run.class_names, run.feature_dim, device,
-            calibrate=config.calibrate == "temperature",
+            calibrate=config.calibrate == "temperature", explanation=explanation,
         )  # fmt: skip
 
     if config.features is not None:
@@ -123,7 +134,7 @@ def predict(
     write_resolved(out / CONFIG_NAME, {"predict": config, **source.stages})
 
     attention_dir = out / "attention"
-    predictor = SlidePredictor(run, ensemble, source, attention_dir)
+    predictor = SlidePredictor(run, ensemble, source, attention_dir, explanation)
     tasks = [
         Task(r.slide_id, str(r.path), (r,)) for r in Shard.parse(config.shard).select(list(cohort))
     ]
@@ -147,8 +158,16 @@ def predict(
 class SlidePredictor:
     """The per-slide work: read the bag, run every model, write the attention file."""
 
-    def __init__(self, run: TrainedRun, ensemble: Ensemble, source: FeatureSource, out: Path):
+    def __init__(
+        self,
+        run: TrainedRun,
+        ensemble: Ensemble,
+        source: FeatureSource,
+        out: Path,
+        explanation: ExplanationSettings | None = None,
+    ):
         self.run, self.ensemble, self.source, self.out = run, ensemble, source, out
+        self.explanation = explanation or ExplanationSettings()
 
     def __call__(self, slide_id: str, record: SlideRecord) -> int:
         path = self.source.feature_path(slide_id)
@@ -175,6 +194,9 @@ class SlidePredictor:
             "predicted": names[int(np.argmax(probabilities))],
             "calibration": self.ensemble.calibration,
             "temperatures": self.ensemble.temperatures,
+            "explanation": result.explanation,
+            "class_specific": result.class_specific,
+            "explanation_settings": self.explanation.record(),
             "n_patches": len(bag.coords),
             "run": str(self.run.path),
             "features": str(path),
@@ -184,7 +206,9 @@ class SlidePredictor:
         }
         write_attention_file(
             self.out / f"{slide_id}.h5",
-            AttentionMap(bag.coords, result.attention, result.scores, attrs),
+            AttentionMap(
+                bag.coords, result.attention, result.scores, attrs, class_scores=result.class_scores
+            ),
         )
         return len(bag.coords)
 
@@ -217,10 +241,14 @@ def prediction_table(
 
 
 def _check_same_predictions(
-    out: Path, run: TrainedRun, models: list[str], calibration: str = "none"
+    out: Path,
+    run: TrainedRun,
+    models: list[str],
+    calibration: str = "none",
+    explanation: ExplanationSettings | None = None,
 ) -> None:
-    """Refuse to mix predictions of another run, model choice or calibration in one folder (a
-    rerun with the same ones resumes)."""
+    """Refuse to mix predictions of another run, model choice, calibration or explanation
+    method in one folder (a rerun with the same ones resumes)."""
     folder = out / "attention"
     for path in sorted(folder.glob("*.h5")) if folder.is_dir() else []:
         if atomic.is_temp_file(path) or not is_complete_attention_file(path):
@@ -240,4 +268,19 @@ def _check_same_predictions(
                 f"{calibration!r}",
                 "use a new --out folder",
             )
+        explanation = explanation or ExplanationSettings()
+        stored = (attrs.get("explanation", "attention"), attrs.get("explanation_settings") or {})
+        wanted = (explanation.method, explanation.record())
+        if stored != wanted:
+            raise ConfigError(
+                out,
+                f"holds scores made by --explain {_describe(*stored)}, not {_describe(*wanted)}",
+                "use a new --out folder",
+            )
         return
+
+
+def _describe(method: str, settings: dict[str, Any]) -> str:
+    """``ig (baseline zero, steps 32)``: an explanation method and its settings, for messages."""
+    detail = ", ".join(f"{key} {value}" for key, value in settings.items())
+    return f"{method} ({detail})" if detail else method

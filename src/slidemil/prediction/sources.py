@@ -3,7 +3,9 @@
 Raw slides are patched and encoded under ``out/work/`` with the options the training run
 recorded (only runtime options and, for denser maps, the step change), so new features cannot
 differ from the training features in resolution, patch size, tissue rules, encoder, weights or
-normalisation. Existing feature folders are checked file by file (``bags.read_slide_bag``)
+normalisation. Training features that were stain-normalised record the normaliser's fitted state;
+new slides get the same normaliser rebuilt from that state (the target image is not needed).
+Existing feature folders are checked file by file (``bags.read_slide_bag``)
 against the recorded encoder identity and the model's feature size.
 """
 
@@ -11,7 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from tqdm import tqdm
 
 from slidemil.config import StageConfig, build, read_yaml
 from slidemil.errors import ArtifactError, ConfigError, SlidemilError
@@ -21,10 +25,16 @@ from slidemil.prediction.bags import GeometryHints
 from slidemil.prediction.config import PredictConfig
 from slidemil.prediction.trained_run import RUN_FILE, TrainedRun
 from slidemil.runner import earlier_failure, read_failures
+from slidemil.stain.describe import describe_stain_state
+
+if TYPE_CHECKING:
+    from slidemil.stain import StainNormalizer
 
 # Options of the recorded stages that only change how a run goes; prediction sets its own.
 PATCH_RUNTIME = ("workers", "quiet", "shard", "overwrite", "reader")
 EXTRACT_RUNTIME = ("device", "batch_size", "workers", "quiet", "shard", "reader", "decode")
+# Replaced by the recorded stain normaliser itself (the target file may not exist here).
+STAIN_OPTIONS = ("stain_norm", "stain_target")
 
 
 @dataclass
@@ -104,7 +114,9 @@ def features_from_slides(
         shard=config.shard, strict=config.strict, reader=config.reader,
     )  # fmt: skip
     patch_config = _recorded(PatchConfig, "patch", patch_options, run)
-    extract_options = _without(recorded_extract["extract"], EXTRACT_RUNTIME)
+    normalizer = recorded_stain_normalizer(recorded_extract, run)
+    skipped = EXTRACT_RUNTIME + (STAIN_OPTIONS if normalizer is not None else ())
+    extract_options = _without(recorded_extract["extract"], skipped)
     # Hub weights: load the very commit the training features came from, not today's main.
     commit = hub_commit((recorded_extract.get("identity") or {}).get("weights_identity"))
     if commit is not None:
@@ -112,12 +124,18 @@ def features_from_slides(
     extract_options.update(
         device=config.device, batch_size=config.batch_size, workers=workers,
         quiet=config.quiet, shard=config.shard, strict=config.strict, reader=config.reader,
+        views=0,  # augmented views are for training: prediction encodes the plain patches only
     )  # fmt: skip
     extract_config = _recorded(ExtractConfig, "extract", extract_options, run)
 
     work = out / "work"
     patch(slides_csv, work, patch_config)
-    extract(work, extract_config)
+    if normalizer is not None and not config.quiet:
+        tqdm.write(
+            f"stain normalisation: {describe_stain_state(normalizer.to_state())}, as the run's "
+            "training features"
+        )
+    extract(work, extract_config, stain_normalizer=normalizer)
     name = extract_config.features_name or get_encoder_spec(extract_config.encoder).name
     folder = work / "features" / name
     identity = recorded_extract.get("identity")
@@ -127,6 +145,18 @@ def features_from_slides(
     return FeatureSource(
         folder, identity, upstream, {"patch": patch_config, "extract": extract_config}
     )
+
+
+def recorded_stain_normalizer(
+    recorded_extract: dict[str, Any], run: TrainedRun
+) -> StainNormalizer | None:
+    """The stain normaliser the training features were made with (``None``: none was used)."""
+    state = (recorded_extract.get("identity") or {}).get("stain_normalization")
+    if state is None:
+        return None
+    from slidemil.stain import StainNormalizer
+
+    return StainNormalizer.from_state(state, source=run.path / RUN_FILE)
 
 
 def hub_commit(weights_identity: str | None) -> str | None:

@@ -5,11 +5,13 @@ Layout under the output folder::
     slides/<slide_id>.svs     pyramidal JPEG Aperio SVS
     truth/<slide_id>.json     the scene (tissue, holes, lesions in level-0 px), exact at any scale
     truth/<slide_id>.png      label map at ``truth_downsample``: 0 glass, 128 tissue, 255 lesion
-    cohort.csv                slide_id, path, label, patient_id, slide_mpp
+    sites.json                with ``sites``: each site's staining and scanner parameters
+    cohort.csv                slide_id, path, label, patient_id, slide_mpp (+ site with ``sites``)
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from slidemil.errors import ConfigError
 from slidemil.formats.pyramid_tiff import write_pyramid
 from slidemil.runner import Task, run_per_slide
 from slidemil.synthetic.scene import LABEL_LESION, LABEL_TISSUE, SlideScene, make_scene
+from slidemil.synthetic.sites import SiteStain, make_site_stains
 from slidemil.synthetic.textures import lesion_style
 
 REFERENCE_MPP = 0.5  # --size is measured in px at this resolution
@@ -48,6 +51,13 @@ class SynthConfig(StageConfig):
         1.0, ge=1.0, description="ratio of the most to the least frequent class"
     )
     max_slides_per_patient: int = Field(3, ge=1, description="slides per patient: 1 to this")
+    sites: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="hospital sites (0: none); patients are nested in sites, every site has "
+        "every class, and each site stains and scans in its own way (a site column in cohort.csv)",
+    )
     lesion_fraction: tuple[float, float] = Field(
         (0.05, 0.12), description="range of tissue area covered by lesions"
     )
@@ -75,6 +85,11 @@ class SynthConfig(StageConfig):
     def _enough_slides(self) -> SynthConfig:
         if self.slides < self.classes:
             raise ValueError(f"{self.slides} slides cannot cover {self.classes} classes")
+        if self.slides < self.classes * self.sites:
+            raise ValueError(
+                f"{self.slides} slides cannot give each of {self.sites} sites all "
+                f"{self.classes} classes (at least {self.classes * self.sites} needed)"
+            )
         return self
 
 
@@ -88,6 +103,11 @@ class SlidePlan:
     height: int
     seed: int
     lesion_fraction: tuple[float, float] = (0.05, 0.12)
+    site_stain: SiteStain | None = None
+
+    @property
+    def site(self) -> str | None:
+        return None if self.site_stain is None else self.site_stain.name
 
 
 def class_names(n_classes: int) -> list[str]:
@@ -95,38 +115,50 @@ def class_names(n_classes: int) -> list[str]:
 
 
 def plan_cohort(config: SynthConfig) -> list[SlidePlan]:
-    """Which slide has which class, patient, resolution and size (deterministic in the seed)."""
+    """Which slide has which class, patient, site, resolution and size (deterministic in the
+    seed). With ``sites``, each class's slides are split evenly over the sites first, so every
+    site has every class in about the same proportions, and each patient belongs to one site."""
     rng = np.random.default_rng(config.seed)
     counts = _class_counts(config.slides, config.classes, config.imbalance)
+    site_stains = make_site_stains(config.sites, config.seed) if config.sites else [None]
     plans: list[SlidePlan] = []
     patient = 0
     for class_index, count in enumerate(counts):
-        remaining = count
-        while remaining > 0:
-            n = min(remaining, int(rng.integers(1, config.max_slides_per_patient + 1)))
-            for _ in range(n):
-                mpp = float(rng.choice(config.mpp))
-                width = round(config.size * REFERENCE_MPP / mpp)
-                height = round(width * rng.uniform(0.65, 0.85))
-                plans.append(
-                    SlidePlan(
-                        slide_id="",
-                        patient_id=f"patient_{patient:03d}",
-                        class_index=class_index,
-                        mpp=mpp,
-                        width=width,
-                        height=height,
-                        seed=int(rng.integers(2**31)),
-                        lesion_fraction=tuple(config.lesion_fraction),
+        for site_stain, site_count in zip(
+            site_stains, _split(count, len(site_stains)), strict=True
+        ):
+            remaining = site_count
+            while remaining > 0:
+                n = min(remaining, int(rng.integers(1, config.max_slides_per_patient + 1)))
+                for _ in range(n):
+                    mpp = float(rng.choice(config.mpp))
+                    width = round(config.size * REFERENCE_MPP / mpp)
+                    height = round(width * rng.uniform(0.65, 0.85))
+                    plans.append(
+                        SlidePlan(
+                            slide_id="",
+                            patient_id=f"patient_{patient:03d}",
+                            class_index=class_index,
+                            mpp=mpp,
+                            width=width,
+                            height=height,
+                            seed=int(rng.integers(2**31)),
+                            lesion_fraction=tuple(config.lesion_fraction),
+                            site_stain=site_stain,
+                        )
                     )
-                )
-            remaining -= n
-            patient += 1
+                remaining -= n
+                patient += 1
     order = rng.permutation(len(plans))  # interleave classes in the CSV, as real cohorts are
     return [
         SlidePlan(**{**plans[i].__dict__, "slide_id": f"slide_{rank:04d}"})
         for rank, i in enumerate(order)
     ]
+
+
+def _split(count: int, parts: int) -> list[int]:
+    """``count`` split into ``parts`` near-equal whole numbers, the larger ones first."""
+    return [count // parts + (1 if k < count % parts else 0) for k in range(parts)]
 
 
 def _class_counts(n_slides: int, n_classes: int, imbalance: float) -> list[int]:
@@ -175,6 +207,10 @@ def synth(out: str | Path, config: SynthConfig | None = None, **options) -> Coho
             "slide_mpp": [p.mpp for p in plans],
         }
     )
+    if config.sites:
+        frame["site"] = [p.site for p in plans]
+        stains = [s.to_dict() for s in make_site_stains(config.sites, config.seed)]
+        atomic.write_text(out / "sites.json", json.dumps(stains, indent=2) + "\n")
     atomic.write_csv(out / "cohort.csv", frame)
     return load_cohort(out / "cohort.csv", check_files=False)
 
@@ -187,6 +223,9 @@ def _check_same_cohort(out: Path, config: SynthConfig) -> None:
     if record.is_file():
         previous = read_yaml(record).get("synth") or {}
         previous = {k: v for k, v in previous.items() if k not in ("workers", "quiet")}
+        # an option added since that cohort was written had its default there
+        defaults = {k: f.default for k, f in SynthConfig.model_fields.items()}
+        previous = {**{k: defaults[k] for k in content if k not in previous}, **previous}
         if previous != content:
             changed = sorted(k for k in content if previous.get(k) != content[k])
             raise ConfigError(
@@ -205,6 +244,7 @@ def write_slide(slide_id: str, plan: SlidePlan, out: str, quality: int) -> str:
         rng, plan.width, plan.height, plan.mpp, plan.class_index,
         lesion_fraction=plan.lesion_fraction,
     )  # fmt: skip
+    scene.site_stain = plan.site_stain
     magnification = round(10.0 / plan.mpp)
     path = write_pyramid(
         out_dir / "slides" / f"{slide_id}.svs",

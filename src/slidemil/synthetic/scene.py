@@ -16,6 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from slidemil.synthetic.sites import SiteStain
 from slidemil.synthetic.textures import STROMA, lesion_style, sample_periodic, texture_at
 
 GLASS = (243, 243, 241)
@@ -69,6 +70,7 @@ class SlideScene:
     class_index: int
     texture_seed: int = 0
     stain_gain: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    site_stain: SiteStain | None = None  # the hospital site's staining and scanner (--sites)
     tissue: list[Blob] = field(default_factory=list)
     holes: list[Blob] = field(default_factory=list)
     lesions: list[Blob] = field(default_factory=list)
@@ -116,7 +118,7 @@ class SlideScene:
         image[:] = GLASS
         tissue, lesion = self.masks(x0, y0, width, height, downsample)
         if not tissue.any():
-            return image
+            return image if self.site_stain is None else self.site_stain.apply(image)
         tx, ty = x0 / downsample, y0 / downsample
         stroma = sample_periodic(
             texture_at(STROMA, self.mpp, downsample, self.texture_seed), tx, ty, width, height
@@ -126,7 +128,8 @@ class SlideScene:
             style = lesion_style(self.class_index)
             lesion_tex = texture_at(style, self.mpp, downsample, self.texture_seed + 1)
             image[lesion] = sample_periodic(lesion_tex, tx, ty, width, height)[lesion]
-        return _apply_stain_gain(image, self.stain_gain)
+        image = _apply_stain_gain(image, self.stain_gain)
+        return image if self.site_stain is None else self.site_stain.apply(image)
 
     # -- serialisation ----------------------------------------------------------------------------
     def to_json(self) -> str:
@@ -135,6 +138,7 @@ class SlideScene:
     @classmethod
     def from_json(cls, text: str) -> SlideScene:
         data = json.loads(text)
+        site = data.get("site_stain")  # absent in scenes written before --sites
 
         def blobs(items):
             return [Blob(**{**b, "wobble": tuple(tuple(w) for w in b["wobble"])}) for b in items]
@@ -146,6 +150,7 @@ class SlideScene:
             class_index=data["class_index"],
             texture_seed=data["texture_seed"],
             stain_gain=tuple(data["stain_gain"]),
+            site_stain=None if site is None else SiteStain.from_dict(site),
             tissue=blobs(data["tissue"]),
             holes=blobs(data["holes"]),
             lesions=blobs(data["lesions"]),

@@ -11,7 +11,7 @@ from slidemil.lazy import lazy_exports
 
 # public name -> module that defines it
 _API = {
-    "MissingBagsWarning": "slidemil.training.run",
+    "MissingBagsWarning": "slidemil.training.data",
     "TrainConfig": "slidemil.training.config",
     "TrainResult": "slidemil.training.run",
     "load_checkpoint": "slidemil.training.checkpoint",

@@ -3,7 +3,9 @@
 A bag is read from its feature file on every access, or held in RAM (``cache``): slidemil's,
 CLAM's and TRIDENT's HDF5 files and CLAM's (or TRIDENT's) ``.pt`` bags alike. In training
 at most ``max_patches`` instances are drawn per bag, afresh each epoch but reproducibly from
-``(seed, epoch, bag)``, so a resumed run sees the same draws as an uninterrupted one.
+``(seed, epoch, bag)``, so a resumed run sees the same draws as an uninterrupted one. A
+training bag may then be augmented (:mod:`slidemil.training.augment`: augmented views, instance
+dropout, feature noise); validation and test bags never are.
 """
 
 from __future__ import annotations
@@ -19,20 +21,27 @@ import torch
 from torch.utils.data import Dataset
 
 from slidemil.errors import ArtifactError
+from slidemil.formats.feature_file import count_views
 from slidemil.formats.foreign_features import pt_feature_shape, read_pt_features
+from slidemil.training.augment import AUGMENT_STREAM, BagAugmentation
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class BagInfo:
-    """A feature file that opened: its slide, path, instance count N, feature size D and bytes."""
+    """A feature file that opened: its slide, path, instance count N, feature size D and bytes
+    of ``/features``; K augmented views in ``/views`` (K, N, D) and their bytes (0 when none, with
+    ``views_problem`` saying why when a ``/views`` dataset is there but unusable)."""
 
     slide_id: str
     path: Path
     n_instances: int
     dim: int
     nbytes: int
+    n_views: int = 0
+    views_nbytes: int = 0
+    views_problem: str | None = None
 
 
 def probe_feature_file(slide_id: str, path: Path) -> BagInfo | str:
@@ -40,6 +49,7 @@ def probe_feature_file(slide_id: str, path: Path) -> BagInfo | str:
     slidemil, CLAM or TRIDENT; ``.pt`` of CLAM or TRIDENT)."""
     if not path.is_file():
         return "feature file missing"
+    views_itemsize = 0
     if path.suffix == ".pt":
         try:
             shape, itemsize = pt_feature_shape(path)
@@ -52,6 +62,8 @@ def probe_feature_file(slide_id: str, path: Path) -> BagInfo | str:
                     return "no 'features' dataset"
                 shape = f["features"].shape
                 itemsize = f["features"].dtype.itemsize
+                if isinstance(f.get("views"), h5py.Dataset):
+                    views_itemsize = f["views"].dtype.itemsize
         except (OSError, KeyError, ValueError) as e:
             return f"unreadable: {e}".replace("\n", " ")
     if tuple(shape) == (0,):  # TRIDENT's bag of a slide without tissue: width unknown
@@ -62,9 +74,18 @@ def probe_feature_file(slide_id: str, path: Path) -> BagInfo | str:
         return "no instances (empty bag)"
     if shape[1] == 0:
         return "no feature columns (D = 0)"
+    n, dim = int(shape[0]), int(shape[1])
+    n_views, views_problem = 0, None
+    if views_itemsize:  # a /views dataset: checked against /features and n_views
+        try:
+            n_views = count_views(path)
+        except ArtifactError as e:
+            views_problem = e.problem.replace("\n", " ")
     return BagInfo(
-        slide_id, path, int(shape[0]), int(shape[1]), int(shape[0] * shape[1] * itemsize)
-    )
+        slide_id, path, n, dim, n * dim * itemsize,
+        n_views=n_views, views_nbytes=n_views * n * dim * views_itemsize,
+        views_problem=views_problem,
+    )  # fmt: skip
 
 
 def read_bag(path: Path) -> np.ndarray:
@@ -168,6 +189,8 @@ class BagDataset(Dataset):
         cache: slide id -> features in RAM; None reads the file on every access.
         standardizer: applied to every bag when given.
         seed: with the epoch (``set_epoch``) and the index, fixes the draws.
+        augment: applied to training bags (``sample``) only, after ``max_patches`` sampling;
+            feature noise after the standardisation.
     """
 
     def __init__(
@@ -180,6 +203,7 @@ class BagDataset(Dataset):
         cache: dict[str, np.ndarray] | None = None,
         standardizer: Standardizer | None = None,
         seed: int = 0,
+        augment: BagAugmentation | None = None,
     ):
         self.bags = bags
         self.labels = labels
@@ -188,6 +212,7 @@ class BagDataset(Dataset):
         self.cache = cache
         self.standardizer = standardizer
         self.seed = seed
+        self.augment = augment
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -199,15 +224,23 @@ class BagDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         info = self.bags[index]
         features = self.cache[info.slide_id] if self.cache is not None else read_bag(info.path)
+        rows = None
         if self.sample and self.max_patches is not None and len(features) > self.max_patches:
             rng = np.random.default_rng((self.seed, self.epoch, index))
-            chosen = np.sort(rng.choice(len(features), self.max_patches, replace=False))
-            features = features[chosen]
+            rows = np.sort(rng.choice(len(features), self.max_patches, replace=False))
+        augment = self.augment if self.sample else None
+        if augment is not None:
+            augment_rng = np.random.default_rng((self.seed, self.epoch, index, AUGMENT_STREAM))
+            features = augment.draw_instances(info, features, rows, augment_rng)
+        elif rows is not None:
+            features = features[rows]
         # torch converts float16 about ten times faster than numpy; copy=True leaves a cached
         # float32 bag intact under the in-place standardisation
         bag = torch.from_numpy(np.ascontiguousarray(features)).to(torch.float32, copy=True)
         if self.standardizer is not None:
             self.standardizer.apply_(bag)
+        if augment is not None:
+            augment.add_noise_(bag, augment_rng)
         return bag, self.labels[index], index
 
 

@@ -11,12 +11,15 @@ from slidemil.config import Device, StageConfig
 Monitor = Literal["balanced_accuracy", "macro_auc", "macro_f1", "accuracy", "loss"]
 Schedule = Literal["cosine", "warmup-cosine", "plateau", "none"]
 Sampler = Literal["shuffle", "balanced"]
+Views = Literal["none", "random"]
 
 # Options that may change between a killed run and its resumption without changing the result
 # (device and amp only change it by floating-point rounding).
 RUNTIME_OPTIONS = frozenset(
     {"fold", "quiet", "workers", "cache", "cache_limit_gb", "epoch_budget", "device", "amp"}
 )
+# Model options that are fields of their own (and flags of slidemil train).
+SHARED_MODEL_OPTIONS = ("hidden_dim", "attention_dim", "dropout")
 # Options where 0 means "off" as well as null, so a command-line flag can switch them off.
 ZERO_MEANS_NONE = ("max_patches", "patience", "grad_clip")
 
@@ -33,6 +36,11 @@ class TrainConfig(StageConfig):
     hidden_dim: int = Field(256, ge=1, description="hidden size of the model (projection + head)")
     attention_dim: int = Field(128, ge=1, description="attention size (attention models)")
     dropout: float = Field(0.25, ge=0.0, lt=1.0, description="dropout in projection and head")
+    model_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the model's own options (its builder's keyword arguments, e.g. CLAM's k), "
+        "each coerced to the type of its default; unknown keys are refused",
+    )
     # splits
     folds: int = Field(1, ge=1, description="1: one train/val/test split; K>1: K-fold CV")
     fold: int | None = Field(None, ge=0, description="train only this fold (0-based; SLURM arrays)")
@@ -43,6 +51,11 @@ class TrainConfig(StageConfig):
         0.2, gt=0.0, lt=1.0, description="with folds>1: share of each fold's training patients "
         "held out for validation",
     )  # fmt: skip
+    site_holdout: bool = Field(
+        False,
+        description="site-preserved splits: each fold's test part is one or more whole sites "
+        "(the cohort's site column), never seen in that fold's training or validation",
+    )
     # optimisation
     epochs: int = Field(50, ge=1, description="maximum number of epochs")
     batch_size: int = Field(
@@ -74,6 +87,20 @@ class TrainConfig(StageConfig):
     standardize: bool = Field(
         True, description="standardise features with mean/std of the training split"
     )
+    # training-time augmentation (training part only; validation and test see plain features)
+    views: Views = Field(
+        "none",
+        description="random: each training instance, each epoch, gets its plain features or one "
+        "of the K augmented views stored at extraction (slidemil extract --views K); none: plain",
+    )
+    instance_dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="drop each instance of a training bag with this "
+        "probability after max_patches sampling (at least one is kept); 0: off",
+    )  # fmt: skip
+    feature_noise: float = Field(
+        0.0, ge=0.0, description="add Gaussian noise of this many training stds to every "
+        "standardised training feature; 0: off",
+    )  # fmt: skip
     monitor: Monitor = Field(
         "balanced_accuracy",
         description="validation metric that picks the best epoch and drives early stopping: "
@@ -119,6 +146,31 @@ class TrainConfig(StageConfig):
         is_zero = isinstance(value, int | float) and not isinstance(value, bool) and value == 0
         return None if is_zero else value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _shared_model_options_are_fields(cls, data: Any) -> Any:
+        # hidden_dim, attention_dim and dropout are fields: one given in model_options moves to
+        # its field (and must agree with the field when both are given), so config.yaml names
+        # each option once and reads back the same.
+        if isinstance(data, dict) and "model_options" in data and data["model_options"] is None:
+            data = {**data, "model_options": {}}  # an empty "model_options:" in YAML
+        if not isinstance(data, dict) or not isinstance(data.get("model_options"), dict):
+            return data
+        options = dict(data["model_options"])
+        data = {**data, "model_options": options}
+        for key in SHARED_MODEL_OPTIONS:
+            if key not in options:
+                continue
+            value = options.pop(key)
+            given = data.get(key)
+            if given is not None and not _same_value(given, value):
+                raise ValueError(
+                    f"{key} is given twice with different values: {key}={given!r} and "
+                    f"model_options.{key}={value!r}"
+                )
+            data[key] = value
+        return data
+
     @field_validator("split_fractions")
     @classmethod
     def _fractions(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
@@ -147,20 +199,40 @@ class TrainConfig(StageConfig):
         return self
 
     @model_validator(mode="after")
+    def _noise_in_training_stds(self) -> TrainConfig:
+        if self.feature_noise > 0 and not self.standardize:
+            raise ValueError(
+                "feature_noise is in units of the training std, which needs standardize: "
+                "use --standardize or --feature-noise 0"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _fold_in_range(self) -> TrainConfig:
         if self.fold is not None and self.fold >= self.folds:
             raise ValueError(f"fold {self.fold} does not exist with folds={self.folds}")
         return self
 
     def model_kwargs(self, model_defaults: dict) -> dict:
-        """The options the chosen model accepts (hidden_dim, attention_dim, dropout)."""
-        options = {
-            "hidden_dim": self.hidden_dim,
-            "attention_dim": self.attention_dim,
-            "dropout": self.dropout,
+        """The keyword arguments the chosen model is built with: those of hidden_dim,
+        attention_dim and dropout it accepts, then ``model_options`` (already coerced by
+        :meth:`slidemil.models.ModelEntry.resolve_options`)."""
+        shared = {key: getattr(self, key) for key in SHARED_MODEL_OPTIONS}
+        return {
+            **{k: v for k, v in shared.items() if k in model_defaults},
+            **self.model_options,
         }
-        return {k: v for k, v in options.items() if k in model_defaults}
 
     def result_options(self) -> dict[str, Any]:
         """The options that change the trained models (compared when a run is resumed)."""
         return self.model_dump(mode="json", exclude=set(RUNTIME_OPTIONS))
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """``a == b``, numbers compared as numbers (``"32"`` from a command line equals 32)."""
+    if a == b:
+        return True
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return False

@@ -1,6 +1,13 @@
 """The epoch loop's parts: the bag loss, schedules, early stopping, one training epoch, inference.
 
 Schedules step once per epoch, so their state is an epoch count and resumes exactly.
+
+The training step's hook for label-aware models (MIL model interface version 2, see
+:mod:`slidemil.models.registry`): a model whose class attribute ``uses_labels`` is True is called
+in training as ``model(features, mask, labels=labels)`` and returns ``(logits, attention,
+auxiliary_loss)``; the step minimises ``BagLoss(logits, labels) + auxiliary_loss``. Every other
+call (validation, prediction, export) is ``model(features, mask)``, for every model, so the
+validation loss is the bag loss alone.
 """
 
 from __future__ import annotations
@@ -8,10 +15,12 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from slidemil.training.config import TrainConfig
@@ -142,12 +151,63 @@ class EarlyStopping:
     def should_stop(self) -> bool:
         return self.patience is not None and self.epochs_without_improvement >= self.patience
 
+    @classmethod
+    def for_config(cls, config: TrainConfig, **state: Any) -> EarlyStopping:
+        """Early stopping as ``config`` asks (monitor, patience, min_epochs, smoothing), with
+        ``state`` (``best``, ``best_epoch``, ...) when continuing a checkpoint."""
+        return cls(
+            config.monitor != "loss",
+            config.patience,
+            min_epochs=config.min_epochs,
+            smoothing=config.smoothing,
+            **state,
+        )
+
 
 def autocast(device: torch.device, enabled: bool):
     """float16 mixed precision on CUDA only (CPU autocast is slower for these small layers)."""
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.float16)
     return contextlib.nullcontext()
+
+
+def model_uses_labels(model: nn.Module) -> bool:
+    """Whether ``model`` (or the model inside a DDP wrapper) takes ``labels=`` in training and
+    returns an auxiliary loss (class attribute ``uses_labels``; absent means False)."""
+    if isinstance(model, DistributedDataParallel):
+        model = model.module
+    return bool(getattr(model, "uses_labels", False))
+
+
+@dataclass(frozen=True)
+class EpochLosses:
+    """One training epoch's mean losses per bag: ``bag`` (:class:`BagLoss`) and ``auxiliary``
+    (the model's own auxiliary loss; 0 for a model without one), over ``bags`` bags."""
+
+    bag: float
+    auxiliary: float
+    bags: int
+
+
+def training_objective(
+    model: nn.Module,
+    features: torch.Tensor,
+    mask: torch.Tensor,
+    labels: torch.Tensor,
+    loss_fn: nn.Module,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training step's forward pass: ``(bag loss, auxiliary loss)``, scalar float32 tensors.
+
+    A label-aware model (:func:`model_uses_labels`) gets ``labels`` (B,) and returns its
+    auxiliary loss third, already weighted by its own option; for the others it is 0.
+    """
+    if model_uses_labels(model):
+        logits, _, auxiliary = model(features, mask, labels=labels)
+        auxiliary = auxiliary.float()
+    else:
+        logits = model(features, mask)[0]
+        auxiliary = torch.zeros((), device=logits.device)
+    return loss_fn(logits.float(), labels), auxiliary
 
 
 def train_one_epoch(
@@ -160,15 +220,16 @@ def train_one_epoch(
     *,
     amp: bool,
     grad_clip: float | None,
-) -> tuple[float, int]:
-    """One pass over ``loader``; returns the mean loss per bag and the number of bags.
+) -> EpochLosses:
+    """One pass over ``loader`` minimising bag loss + the model's auxiliary loss (see
+    :func:`training_objective`); returns the mean losses per bag and the number of bags.
 
     Under DDP the gradients are averaged over ranks in ``backward``, so one step uses
     ``batch_size × world_size`` bags.
     """
     model.train()
     # summed on the device: converting each step's loss to a float would wait for the GPU
-    total = torch.zeros((), dtype=torch.float64, device=device)
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
     count = 0
     for features, mask, labels, _ in loader:
         features = features.to(device, non_blocking=True)
@@ -176,17 +237,17 @@ def train_one_epoch(
         labels = labels.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, amp):
-            logits, _ = model(features, mask)[:2]
-        loss = loss_fn(logits.float(), labels)
-        scaler.scale(loss).backward()
+            bag_loss, auxiliary = training_objective(model, features, mask, labels, loss_fn)
+        scaler.scale(bag_loss + auxiliary).backward()
         if grad_clip is not None:
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         scaler.step(optimizer)
         scaler.update()
-        total += loss.detach().double() * len(labels)
+        totals += torch.stack([bag_loss.detach(), auxiliary.detach()]).double() * len(labels)
         count += len(labels)
-    return float(total) / max(count, 1), count
+    bag, auxiliary = (totals / max(count, 1)).tolist()
+    return EpochLosses(bag, auxiliary, count)
 
 
 @torch.no_grad()

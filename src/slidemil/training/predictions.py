@@ -1,8 +1,8 @@
 """Per-fold prediction tables and their metrics (computed by ``slidemil.evaluation.metrics``).
 
 ``predictions.csv`` (test part) and ``val_predictions.csv`` (validation part) have the columns
-``slide_id, patient_id, label, label_index, fold, prob_<class> ..., predicted``; the evaluation
-stage reads them.
+``slide_id, patient_id, label, label_index, fold, prob_<class> ..., predicted`` (and ``site``
+after ``patient_id`` when the cohort has a site column); the evaluation stage reads them.
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ def prediction_table(
     probabilities: np.ndarray,
     class_names: Sequence[str],
     fold: int,
+    sites: Sequence[str | None] | None = None,
 ) -> pd.DataFrame:
-    """One row per slide; ``probabilities`` is (n_slides, n_classes), rows summing to 1."""
+    """One row per slide; ``probabilities`` is (n_slides, n_classes), rows summing to 1;
+    ``sites``: each slide's site (None: no ``site`` column)."""
     label_indices = np.asarray(label_indices, dtype=int)
     table = pd.DataFrame(
         {
@@ -37,6 +39,8 @@ def prediction_table(
             "fold": fold,
         }
     )
+    if sites is not None:
+        table.insert(2, "site", ["" if site is None else site for site in sites])
     for k, column in enumerate(probability_columns(class_names)):
         table[column] = probabilities[:, k]
     table["predicted"] = [class_names[i] for i in probabilities.argmax(axis=1)]

@@ -5,7 +5,7 @@ Layout::
 
     <out>/config.yaml   resolved options (a valid --config file)
     <out>/run.json      classes, folds, encoder, model, D, excluded slides, patch/extract options
-    <out>/splits.csv    slide_id, patient_id, label, fold, part
+    <out>/splits.csv    slide_id, patient_id, (site,) label, fold, part
     <out>/fold_<k>/     checkpoint_best.pt, checkpoint_latest.pt, history.csv, metrics.json,
                         predictions.csv (test part), val_predictions.csv
 
@@ -23,39 +23,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from slidemil import __version__, atomic
-from slidemil.cohort import Cohort, load_cohort
 from slidemil.config import build, read_yaml, write_resolved
-from slidemil.errors import ArtifactError, CohortError, ConfigError
-from slidemil.formats.foreign_features import feature_folder, find_feature_file
+from slidemil.errors import ConfigError
 from slidemil.models import get_model_entry
-from slidemil.training.bags import BagInfo, load_cache, probe_feature_file
-from slidemil.training.config import ZERO_MEANS_NONE, TrainConfig
+from slidemil.training.config import SHARED_MODEL_OPTIONS, ZERO_MEANS_NONE, TrainConfig
+from slidemil.training.data import TrainData, load_train_data
 from slidemil.training.distributed import on_main, setup_distributed, teardown_distributed
 from slidemil.training.fold import EpochBudget, train_fold
-from slidemil.training.splits import SPLIT_COLUMNS, make_splits
+from slidemil.training.splits import make_splits
 
 PATCH_CONFIG = "patch_config.yaml"
 EXTRACT_CONFIG = "extract_config.yaml"
-
-
-class MissingBagsWarning(UserWarning):
-    """Some cohort slides have no usable feature file; training goes on without them."""
-
-
-@dataclass
-class TrainData:
-    """What every fold shares: the cohort, the usable bags and the slides left out (and why)."""
-
-    cohort: Cohort
-    encoder: str
-    bags: dict[str, BagInfo]
-    excluded: dict[str, str]
-    feature_dim: int
-    cache: dict[str, np.ndarray] | None = None
 
 
 @dataclass
@@ -94,7 +75,11 @@ def train(
     over ``config``'s values). Under torchrun every rank calls this; only rank 0 writes.
     """
     config = _resolve_config(config, config_file, options)
-    get_model_entry(config.model)  # fail before any work on an unknown model
+    # fail before any work on an unknown model or option; record the options coerced
+    entry = get_model_entry(config.model)
+    config = config.model_copy(
+        update={"model_options": entry.resolve_options(config.model_options)}
+    )
     work, out = Path(work), Path(out)
     context = setup_distributed(config.device)
     try:
@@ -131,69 +116,11 @@ def _resolve_config(
     base = config.model_dump()
     # build() reads None as "not given"; these options say "off" with 0 as well
     base.update({k: 0 for k in ZERO_MEANS_NONE if base[k] is None})
+    # a shared option (hidden_dim, ...) now given in model_options replaces the config's value
+    for key in SHARED_MODEL_OPTIONS:
+        if key in (options.get("model_options") or {}) and key not in options:
+            base.pop(key)
     return build(TrainConfig, section="train", overrides={**base, **options})
-
-
-def resolve_encoder(work: Path, encoder: str | None) -> str:
-    """The feature folder to use: the one named, or the only one under ``work/features``."""
-    root = work / "features"
-    found = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-    if not found:
-        raise ArtifactError(root, "no feature folders", "run 'slidemil extract' first")
-    if encoder is None:
-        if len(found) > 1:
-            raise ConfigError(
-                root, f"several feature folders: {', '.join(found)}", "choose one with --encoder"
-            )
-        return found[0]
-    if encoder not in found:
-        raise ConfigError(root, f"no feature folder {encoder!r}; found {', '.join(found)}")
-    return encoder
-
-
-def load_train_data(work: Path, config: TrainConfig, *, warn: bool = True) -> TrainData:
-    """Read the cohort, probe every slide's feature file and set unusable ones aside (with a
-    :class:`MissingBagsWarning` when ``warn``); cache the bags in RAM when asked or when they fit.
-    """
-    cohort = load_cohort(work / "cohort.csv", require_labels=True, check_files=False)
-    if len(cohort.class_names) < 2:
-        raise CohortError(
-            cohort.source,
-            f"only one class ({', '.join(cohort.class_names)}): a classifier needs two or more",
-        )
-    encoder = resolve_encoder(work, config.encoder)
-    # a linked CLAM --feat_dir is read from its h5_files/ (or pt_files/)
-    folder = feature_folder(work / "features" / encoder)
-    bags: dict[str, BagInfo] = {}
-    excluded: dict[str, str] = {}
-    for record in cohort:
-        probed = probe_feature_file(record.slide_id, find_feature_file(folder, record.slide_id))
-        if isinstance(probed, str):
-            excluded[record.slide_id] = probed
-        else:
-            bags[record.slide_id] = probed
-    if excluded and warn:
-        listed = ", ".join(f"{s} ({why})" for s, why in list(excluded.items())[:20])
-        more = f" and {len(excluded) - 20} more" if len(excluded) > 20 else ""
-        warnings.warn(
-            f"{folder}: training without {len(excluded)} slide(s) lacking usable features: "
-            f"{listed}{more}",
-            MissingBagsWarning,
-            stacklevel=3,
-        )
-    if not bags:
-        raise ArtifactError(folder, "no usable feature files for the cohort's slides")
-    dims = {info.dim for info in bags.values()}
-    if len(dims) > 1:
-        raise ArtifactError(folder, f"feature files disagree on the feature size D: {sorted(dims)}")
-    data = TrainData(cohort, encoder, bags, excluded, dims.pop())
-    total_bytes = sum(info.nbytes for info in bags.values())
-    use_cache = config.cache
-    if use_cache is None:
-        use_cache = total_bytes <= config.cache_limit_gb * 2**30
-    if use_cache:
-        data.cache = load_cache(list(bags.values()))
-    return data
 
 
 def _splits_for(data: TrainData, config: TrainConfig, *, warn: bool) -> pd.DataFrame:
@@ -206,7 +133,9 @@ def _splits_for(data: TrainData, config: TrainConfig, *, warn: bool) -> pd.DataF
             "split": [r.split for r in records],
         }
     )
-    if warn and frame["split"].notna().any() and config.folds > 1:
+    if data.cohort.has_sites:
+        frame["site"] = [r.site for r in records]
+    if warn and frame["split"].notna().any() and config.folds > 1 and not config.site_holdout:
         warnings.warn(
             f"{data.cohort.source}: the cohort's split column is used; --folds is ignored",
             UserWarning,
@@ -219,6 +148,8 @@ def _splits_for(data: TrainData, config: TrainConfig, *, warn: bool) -> pd.DataF
         val_fraction=config.val_fraction,
         seed=config.seed,
         source=None if data.cohort.source is None else str(data.cohort.source),
+        site_holdout=config.site_holdout,
+        warn=warn,
     )
 
 
@@ -275,7 +206,9 @@ def _check_same_run(out: Path, config: TrainConfig, splits: pd.DataFrame) -> Non
     if saved_splits.is_file():
         before = pd.read_csv(saved_splits, dtype=str, keep_default_na=False)
         current = splits.astype(str)
-        if list(before.columns) != SPLIT_COLUMNS or not before.equals(current):
+        if "site" not in before.columns:  # a site column added to the cohort since changes no part
+            current = current.drop(columns="site", errors="ignore")
+        if list(before.columns) != list(current.columns) or not before.equals(current):
             raise ConfigError(
                 saved_splits,
                 "the splits differ from this run folder's (the cohort or the usable feature "

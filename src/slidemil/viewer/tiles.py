@@ -38,6 +38,7 @@ MEAN_MAP = "mean"
 # The patch grid is drawn only where a patch is at least this wide on screen (else it is a blur).
 GRID_MIN_PATCH_PX = 6
 GRID_RGBA = (20, 20, 20, 200)
+CLASS_MAP_PREFIX = "class:"  # map names of per-class scores: class:<class name>
 KEPT_GRIDS = 2  # heat grids kept per slide (the maps last shown)
 
 
@@ -137,7 +138,9 @@ class SlidePyramid:
 
 class AttentionLayers:
     """A slide's attention as tile layers: one heat map per map name (``mean`` over the models,
-    or one model's column), drawn with the heat maps' normalisation, colour map and smoothing."""
+    one model's column, or ``class:<name>``, a class's scores averaged over the models, where the
+    file's per-class scores are class-specific), drawn with the heat maps' normalisation, colour
+    map and smoothing."""
 
     def __init__(
         self,
@@ -156,14 +159,26 @@ class AttentionLayers:
         self._lock = threading.Lock()
 
     @property
+    def class_maps(self) -> list[str]:
+        """``class:<name>`` for each class when the file's per-class scores differ by class
+        (``slidemil predict --explain ig``, or a model with per-class attention)."""
+        if not self.attention.class_specific:
+            return []
+        return [f"{CLASS_MAP_PREFIX}{name}" for name in self.attention.class_names]
+
+    @property
     def map_names(self) -> list[str]:
-        """``mean`` first, then each model's column when there are several."""
-        return [MEAN_MAP, *self.models] if len(self.models) > 1 else [MEAN_MAP]
+        """``mean`` first, then each model's column when there are several, then the classes'."""
+        models = self.models if len(self.models) > 1 else []
+        return [MEAN_MAP, *models, *self.class_maps]
 
     def scores(self, name: str) -> np.ndarray:
-        """(N,) attention of map ``name`` (the softmax weights, as the heat maps draw them)."""
+        """(N,) scores of map ``name``: the softmax weights, as the heat maps draw them, or a
+        class's scores (mean over the models)."""
         if name == MEAN_MAP:
             return self.attention.mean_attention()
+        if name in self.class_maps:
+            return self.attention.class_score(name.removeprefix(CLASS_MAP_PREFIX))
         if name not in self.models:
             raise KeyError(f"no attention map {name!r}; there are {', '.join(self.map_names)}")
         return self.attention.attention[:, self.models.index(name)]
