@@ -184,3 +184,30 @@ def test_bags_made_under_inference_mode_are_explained_too():
         frozen = bag.clone()  # an inference tensor, as Ensemble's device copy once was
         inside = explain(model, frozen, "ig", steps=8).scores
     np.testing.assert_allclose(inside, explain(model, bag, "ig", steps=8).scores, atol=1e-6)
+
+
+def test_a_coordinate_aware_model_is_explained_on_the_bags_coords():
+    """TransMIL lays the patches out by ``coords``: ``explain`` gives the model's outputs on
+    them (not on the bag order), integrated gradients stay complete with the coords held fixed
+    along the path, and a model without ``uses_coords`` ignores them."""
+    torch.manual_seed(3)
+    model = _small_model("transmil").eval()
+    bag = _bag(30, seed=4)
+    cells = np.random.default_rng(5).choice(100, size=30, replace=False)
+    coords = np.stack([cells % 10, cells // 10], axis=1).astype(np.float32) * 256
+    mask = torch.ones(1, 30, dtype=torch.bool)
+    with torch.no_grad():
+        on_grid = model(bag[None], mask, coords=torch.from_numpy(coords)[None])[0][0]
+    native = explain(model, bag, "attention", coords=coords)
+    np.testing.assert_allclose(native.logits, on_grid.numpy(), atol=1e-5)
+    assert np.abs(explain(model, bag, "attention").logits - native.logits).max() > 1e-4
+    result = explain(model, bag + 1.0, "ig", steps=256, coords=coords)
+    difference = result.logits - result.baseline_logits
+    assert (result.completeness_gap() <= 0.01 * np.abs(difference).max() + 5e-4).all()
+    abmil = _small_model("abmil")
+    np.testing.assert_array_equal(
+        explain(abmil, bag, "ig", steps=8, coords=coords).scores,
+        explain(abmil, bag, "ig", steps=8).scores,
+    )
+    with pytest.raises(ValueError, match="coords"):
+        explain(model, bag, coords=coords[:5])

@@ -20,8 +20,10 @@ from typer.testing import CliRunner
 from random_bags import make_random_work
 from slidemil.cli.app import app
 from slidemil.deployment import ExportedRun, export, run_graph
+from slidemil.deployment.run import grid_patch_coords
 from slidemil.errors import ArtifactError, ConfigError, MissingExtraError
 from slidemil.models import list_models
+from slidemil.models.registry import model_uses_coords
 from slidemil.prediction import predict
 from slidemil.prediction.ensemble import Ensemble
 from slidemil.prediction.trained_run import TrainedRun
@@ -65,11 +67,15 @@ def test_exported_graph_equals_the_runs_models_for_bags_of_any_size(
         run.checkpoints("mean"), run.class_names, run.feature_dim, torch.device("cpu")
     )
     rng = np.random.default_rng(0)
+    # a model that lays its patches out by their coordinates (TransMIL) gets them in the graph
+    uses_coords = model_uses_coords(ensemble.folds[0].model)
+    assert ("coords" in summary.record["graph"]["input"]) == uses_coords
     for n in BAG_SIZES:
         # raw features far from standardised: the graph must standardise them per fold itself
         bag = rng.normal(2.0, 3.0, size=(n, run.feature_dim)).astype(np.float32)
-        expected = ensemble.infer(bag)
-        got = run_graph(summary.graph, graph_format, bag)
+        coords = grid_patch_coords(n, seed=n) if uses_coords else None
+        expected = ensemble.infer(bag, coords)
+        got = run_graph(summary.graph, graph_format, bag, coords)
         assert got["probabilities"].shape == (3,)
         assert got["attention"].shape == (n, 2)
         assert np.abs(got["probabilities"] - expected.mean_probabilities).max() < TOLERANCE
@@ -79,6 +85,15 @@ def test_exported_graph_equals_the_runs_models_for_bags_of_any_size(
         assert np.abs(got["scores"][finite] - expected.scores[finite]).max() < 1e-4
     # the two folds differ (own weights and standardisation), so averaging is really done
     assert np.abs(got["fold_probabilities"][0] - got["fold_probabilities"][1]).max() > 1e-6
+    if uses_coords:  # the graph really uses the coords: other coords, other outputs
+        moved = run_graph(summary.graph, graph_format, bag, grid_patch_coords(n, seed=n + 1))
+        assert np.abs(moved["attention"] - got["attention"]).max() > 1e-6
+        # `slidemil predict --model EXPORT` feeds the bag's coords, and refuses a bag without
+        exported = ExportedRun.open(summary.out).ensemble(torch.device("cpu"))
+        fed = exported.infer(bag, coords)
+        assert np.abs(fed.probabilities - expected.probabilities).max() < TOLERANCE
+        with pytest.raises(ArtifactError, match="has none"):
+            exported.infer(bag)
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,9 @@ import yaml
 from random_bags import RandomWork, make_random_work
 from slidemil.errors import ConfigError
 from slidemil.models import ModelEntry, build_model, get_model_entry, list_models
+from slidemil.models.registry import coords_keywords
 from slidemil.training import load_checkpoint, load_model_from_checkpoint, train
-from slidemil.training.bags import Standardizer, read_bag
+from slidemil.training.bags import Standardizer, read_bag, read_bag_coords
 from slidemil.training.loop import model_uses_labels
 
 TORCH_THREADS = 1  # see conftest._torch_threads
@@ -90,10 +91,14 @@ def test_a_checkpoint_reloads_to_the_runs_predictions(name, work, runs):
     table = pd.read_csv(run / "fold_0" / "predictions.csv")
     columns = [f"prob_{c}" for c in state["class_names"]]
     for slide_id, expected in zip(table["slide_id"], table[columns].to_numpy(), strict=True):
-        bag = torch.from_numpy(standardizer.apply(read_bag(work.feature_path(slide_id))))
+        path = work.feature_path(slide_id)
+        bag = torch.from_numpy(standardizer.apply(read_bag(path)))
         bag = bag.float()[None]
+        # the run laid a coordinate-using model's patches out by the file's /coords
+        xy = torch.from_numpy(read_bag_coords(path, bag.shape[1])).float()[None]
         with torch.no_grad():
-            logits = model(bag, torch.ones(bag.shape[:2], dtype=torch.bool))[0]
+            mask = torch.ones(bag.shape[:2], dtype=torch.bool)
+            logits = model(bag, mask, **coords_keywords(model, xy))[0]
         got = torch.softmax(logits, dim=1)[0].numpy()
         assert np.abs(got - expected).max() < TOLERANCE, slide_id
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -563,6 +564,86 @@ def test_ppeg_is_the_papers_convolutions_on_the_square_of_the_bag(n):
         got = ppeg(padded, torch.tensor([n, n + 3]))
     assert torch.allclose(got[0, :n], expected[0], atol=1e-5)
     assert torch.all(got[0, n:] == 0)
+
+
+def _tissue_grid(seed: int, rows: int = 12, columns: int = 15) -> tuple[np.ndarray, np.ndarray]:
+    """An irregular scattered tissue shape on a patch grid of step 256 (x) by 224 (y) off an odd
+    origin, its rows shuffled: the cells (n, 2) row, column and the level-0 coords (n, 2) x, y."""
+    rng = np.random.default_rng(seed)
+    kept = [(r, c) for r in range(rows) for c in range(columns) if rng.random() < 0.45]
+    cells = np.array(kept or [(0, 0)])  # one patch at least
+    cells = cells[rng.permutation(len(cells))]
+    return cells, np.stack([1000 + 256 * cells[:, 1], 77 + 224 * cells[:, 0]], axis=1)
+
+
+def test_grid_neighbours_are_the_patches_in_the_neighbouring_cells():
+    """On a scattered tissue shape the PPEG's 7×7 gathers find what a brute-force search of the
+    cells finds: the patch in each neighbouring cell, none where the cell is background."""
+    from slidemil.models.transmil import PPEG_RADIUS, grid_neighbours
+
+    cells, coords = _tissue_grid(21)
+    got = grid_neighbours(torch.tensor(coords)[None], torch.tensor([len(cells)]), PPEG_RADIUS)[0]
+    where = {(int(r), int(c)): i for i, (r, c) in enumerate(cells)}
+    offsets = [(dr, dc) for dr in range(-3, 4) for dc in range(-3, 4)]
+    for k, (dr, dc) in enumerate(offsets):
+        expected = [where.get((int(r) + dr, int(c) + dc), -1) + 1 for r, c in cells]
+        assert got[k].tolist() == expected
+    assert 0 < int((got > 0).sum()) < got.numel()  # both patches and background were looked up
+
+
+def test_transmil_on_coords_does_not_depend_on_the_order_of_the_rows():
+    """The same bag with its rows shuffled: the coords layout gives the same outputs (for the
+    same rows), the bag-order layout does not."""
+    cells, coords = _tissue_grid(22)
+    n = len(cells)
+    model = _transmil(landmarks=8)  # Nyström segments of the raster order, not of the rows
+    in_order = _transmil(landmarks=8, layout="order")
+    torch.manual_seed(23)
+    bag, shuffle = torch.randn(1, n, D), torch.randperm(n)
+    mask = torch.ones(1, n, dtype=torch.bool)
+    xy = torch.tensor(coords)[None]
+    with torch.no_grad():
+        for layout_model, invariant in ((model, True), (in_order, False)):
+            first = layout_model(bag, mask, return_scores=True, coords=xy)
+            second = layout_model(bag[:, shuffle], mask, return_scores=True, coords=xy[:, shuffle])
+            same = torch.allclose(first[0], second[0], atol=1e-5) and torch.allclose(
+                first[2][:, shuffle], second[2], atol=1e-4
+            )
+            assert same == invariant
+        # and the coords change what the model computes: the layout is not the bag order
+        assert not torch.allclose(model(bag, mask, coords=xy)[0], model(bag, mask)[0], atol=1e-4)
+
+
+def test_transmil_on_coords_ignores_padding_rows_and_their_coords():
+    """Bags of different tissue shapes share a batch, padded in the middle with garbage
+    features and coords; each gives what it gives alone (float32 and int64 coords alike)."""
+    model = _transmil(landmarks=8)
+    shapes = [_tissue_grid(seed, rows, columns) for seed, rows, columns in
+              ((24, 1, 1), (25, 3, 4), (26, 9, 9))]  # fmt: skip
+    torch.manual_seed(27)
+    bags = [torch.randn(1, len(cells), D) for cells, _ in shapes]
+    alone = [
+        model(b, torch.ones(1, b.shape[1], dtype=torch.bool), True, coords=torch.tensor(xy)[None])
+        for b, (_, xy) in zip(bags, shapes, strict=True)
+    ]
+    longest = max(b.shape[1] for b in bags) + 6
+    batch, mask = torch.full((3, longest, D), 1e4), torch.zeros(3, longest, dtype=torch.bool)
+    xy_batch = torch.full((3, longest, 2), -5e6)
+    for row, (bag, (_, xy)) in enumerate(zip(bags, shapes, strict=True)):
+        index = torch.tensor([0, 1, *range(6, bag.shape[1] + 4)][: bag.shape[1]])
+        batch[row, index], mask[row, index] = bag[0], True
+        xy_batch[row, index] = torch.tensor(xy, dtype=torch.float32)
+    for coords in (xy_batch, xy_batch.long()):
+        logits, attention, scores = model(batch, mask, True, coords=coords)
+        for row, expected in enumerate(alone):
+            assert torch.allclose(logits[row], expected[0][0], atol=1e-5)
+            assert torch.allclose(attention[row, mask[row]], expected[1][0], atol=1e-5)
+            assert torch.allclose(scores[row, mask[row]], expected[2][0], atol=1e-4)
+
+
+def test_transmil_refuses_an_unknown_layout():
+    with pytest.raises(ConfigError, match="layout='grid' must be one of coords, order"):
+        _transmil(layout="grid")
 
 
 def test_square_side_is_exact_for_large_bags():

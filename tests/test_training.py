@@ -792,3 +792,40 @@ def test_a_site_column_added_to_the_cohort_of_an_unfinished_run_lets_it_resume(t
     # site holdout is another experiment: refused by the splits (or options) it changes
     with pytest.raises(ConfigError):
         train(work.root, out, epochs=2, site_holdout=True, folds=2, **TINY)
+
+
+def test_training_bags_carry_the_coords_of_their_drawn_rows(tmp_path):
+    """A training bag's coords are those of the rows it drew (``max_patches``, instance
+    dropout), batches pad them, and a batch with a bag without coords (a CLAM ``.pt``) has none;
+    a coordinate-aware model trains and predicts on them."""
+    from foreign_files import write_clam_features
+    from slidemil.training.augment import bag_augmentation
+    from slidemil.training.bags import BagDataset, pad_bags, probe_feature_file
+
+    work = make_random_work(tmp_path / "work", patients=8, dim=8, instances=(30, 40), seed=5)
+    ids = pd.read_csv(work.root / "cohort.csv")["slide_id"].tolist()
+    bags = [probe_feature_file(s, work.feature_path(s)) for s in ids]
+    config = TrainConfig(max_patches=20, instance_dropout=0.3)
+    dataset = BagDataset(
+        bags, [0] * len(bags), max_patches=20, sample=True, seed=3,
+        augment=bag_augmentation(config, None),
+    )  # fmt: skip
+    for index, info in enumerate(bags):
+        features, _, _, coords = dataset[index]
+        with h5py.File(info.path, "r") as f:
+            stored, stored_coords = f["features"][:].astype(np.float32), f["coords"][:]
+        rows = [int(np.flatnonzero((stored == row.numpy()).all(axis=1))[0]) for row in features]
+        np.testing.assert_array_equal(coords.numpy(), stored_coords[rows])
+    batch = pad_bags([dataset[0], dataset[1]])
+    longest = max(dataset[0][0].shape[0], dataset[1][0].shape[0])
+    assert batch[4].shape == (2, longest, 2)
+    assert torch.equal(batch[4][0, : dataset[0][0].shape[0]], dataset[0][3])
+    _, pt_path = write_clam_features(tmp_path / "clam", "pt", np.ones((5, 8)), np.zeros((5, 2)))
+    pt_bag = BagDataset([probe_feature_file("pt", pt_path)], [0])
+    assert pt_bag[0][3] is None and pad_bags([dataset[0], pt_bag[0]])[4] is None
+
+    train(
+        work.root, tmp_path / "run", model="transmil", folds=2, epochs=1, hidden_dim=16,
+        device="cpu", quiet=True, seed=0, max_patches=20, batch_size=2,
+    )  # fmt: skip
+    assert (tmp_path / "run" / "fold_0" / "predictions.csv").is_file()

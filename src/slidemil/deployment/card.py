@@ -62,10 +62,25 @@ def fold_metrics(run: TrainedRun, folds: list[str]) -> dict[str, dict[str, float
     return summary
 
 
+COORDS_INPUT = (
+    "(N, 2) float32 level-0 x, y of each patch, the rows of features (the feature file's "
+    "/coords): the model lays the patches out on their grid"
+)
+
+
 def model_record(
-    run: TrainedRun, folds: list[str], graph_file: str, graph_format: str, sha256: str
+    run: TrainedRun,
+    folds: list[str],
+    graph_file: str,
+    graph_format: str,
+    sha256: str,
+    uses_coords: bool = False,
 ) -> dict[str, Any]:
-    """The ``model.json`` dict of an export of ``folds`` of ``run``."""
+    """The ``model.json`` dict of an export of ``folds`` of ``run`` (``uses_coords``: the graph
+    takes the patches' coordinates as a second input)."""
+    inputs = {"features": "(N, D) float32 raw features of one slide, any N >= 1"}
+    if uses_coords:
+        inputs["coords"] = COORDS_INPUT
     info = run.info
     patch = run.patch_options() or {}
     record = run.extract_record() or {}
@@ -77,7 +92,7 @@ def model_record(
             "file": graph_file,
             "format": graph_format,
             "sha256": sha256,
-            "input": {"features": "(N, D) float32 raw features of one slide, any N >= 1"},
+            "input": inputs,
             "outputs": {
                 "probabilities": "(C,) class probabilities, mean over folds, class_names order",
                 "attention": "(N, F) softmax attention per fold (each column sums to 1)",
@@ -129,7 +144,12 @@ def model_card(record: dict[str, Any]) -> str:
         f"`{identity.get('weights_identity', 'unrecorded')}`, transform "
         f"`{json.dumps(identity.get('transform'))}`; D = {record['feature_dim']}",
         f"- Graph `{record['graph']['file']}` ({record['graph']['format']}): input `features` "
-        "(N, D) float32, raw (the graph standardises them itself)",
+        "(N, D) float32, raw (the graph standardises them itself)"
+        + (
+            f"; input `coords`: {COORDS_INPUT}"
+            if "coords" in record["graph"].get("input", {})
+            else ""
+        ),
         "",
         "## Training data",
         f"- {cohort.get('slides', '?')} slides of {cohort.get('patients', '?')} patients "

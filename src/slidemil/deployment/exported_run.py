@@ -16,7 +16,12 @@ import numpy as np
 import torch
 
 from slidemil.deployment.card import EXPORT_FORMAT_VERSION, MODEL_JSON, read_model_record
-from slidemil.deployment.graph import INPUT_NAME, OUTPUT_NAMES, torchscript_warnings_silenced
+from slidemil.deployment.graph import (
+    COORDS_NAME,
+    INPUT_NAME,
+    OUTPUT_NAMES,
+    torchscript_warnings_silenced,
+)
 from slidemil.encoders.weights import file_sha256, require
 from slidemil.errors import ArtifactError, ConfigError
 from slidemil.prediction.ensemble import SlideInference
@@ -95,8 +100,9 @@ class ExportedRun(TrainedRun):
                 "export again",
             )
         ensemble = ExportedEnsemble(
-            self.graph_path, str(self.info["graph"]["format"]), list(self.info["folds"]), device
-        )
+            self.graph_path, str(self.info["graph"]["format"]), list(self.info["folds"]), device,
+            takes_coords=COORDS_NAME in (self.info["graph"].get("input") or {}),
+        )  # fmt: skip
         ensemble.calibration = self.calibration
         ensemble.temperatures = dict(self.info.get("temperatures") or {})
         return ensemble
@@ -105,8 +111,17 @@ class ExportedRun(TrainedRun):
 class ExportedEnsemble:
     """Runs an exported graph on one bag at a time, with ``Ensemble``'s interface."""
 
-    def __init__(self, path: Path, graph_format: str, names: list[str], device: torch.device):
+    def __init__(
+        self,
+        path: Path,
+        graph_format: str,
+        names: list[str],
+        device: torch.device,
+        takes_coords: bool = False,
+    ):
+        self.path = path
         self.names = names
+        self.takes_coords = takes_coords
         self.device = device
         self.calibration = "none"  # recorded with each prediction, as Ensemble's
         self.temperatures: dict[str, float | None] = dict.fromkeys(names)
@@ -123,14 +138,25 @@ class ExportedEnsemble:
         else:
             raise ArtifactError(path, f"unknown graph format {graph_format!r}")
 
-    def infer(self, features: np.ndarray) -> SlideInference:
-        """The graph on the whole bag ``features`` (N, D), any float dtype."""
-        bag = np.ascontiguousarray(features, dtype=np.float32)
+    def infer(self, features: np.ndarray, coords: np.ndarray | None = None) -> SlideInference:
+        """The graph on the whole bag ``features`` (N, D), any float dtype, with the patches'
+        level-0 ``coords`` (N, 2) for a graph that takes them (which refuses a bag without)."""
+        inputs = {INPUT_NAME: np.ascontiguousarray(features, dtype=np.float32)}
+        if self.takes_coords:
+            if coords is None:
+                raise ArtifactError(
+                    self.path,
+                    "this export's model lays patches out by their coordinates and the bag has "
+                    "none (a .pt bag)",
+                    "predict from feature files with /coords, or from the run folder",
+                )
+            inputs[COORDS_NAME] = np.ascontiguousarray(coords, dtype=np.float32)
         if self.graph_format == "onnx":
-            values = self._session.run(list(OUTPUT_NAMES), {INPUT_NAME: bag})
+            values = self._session.run(list(OUTPUT_NAMES), inputs)
         else:
             with torch.inference_mode():
-                outputs = self._session(torch.from_numpy(bag).to(self.device))
+                tensors = [torch.from_numpy(v).to(self.device) for v in inputs.values()]
+                outputs = self._session(*tensors)
             values = [v.float().cpu().numpy() for v in outputs]
         out = dict(zip(OUTPUT_NAMES, values, strict=True))
         return SlideInference(

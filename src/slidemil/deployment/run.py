@@ -26,6 +26,7 @@ from slidemil.config import build
 from slidemil.deployment.card import MODEL_CARD, MODEL_JSON, model_card, model_record
 from slidemil.deployment.config import ExportConfig
 from slidemil.deployment.graph import (
+    COORDS_NAME,
     INPUT_NAME,
     OUTPUT_NAMES,
     BagClassifier,
@@ -40,6 +41,18 @@ GRAPH_FILES = {"onnx": "model.onnx", "torchscript": "model.pt"}
 # Tolerance of the self-check (probabilities, float32): exporters reorder float operations.
 SELF_CHECK_TOLERANCE = 1e-5
 EXAMPLE_INSTANCES = 16  # not 1: an exporter would treat a size-1 axis as a constant
+SELF_CHECK_INSTANCES = 257
+PATCH_STEP = 256  # level-0 px between the example bags' grid patches
+
+
+def grid_patch_coords(n: int, seed: int = 0) -> np.ndarray:
+    """Level-0 x, y (n, 2) float32 of n patches scattered over a patch grid with holes (an
+    irregular tissue shape, rows in random order): the example and self-check bags of a graph
+    whose models use coordinates."""
+    rng = np.random.default_rng(seed)
+    side = int(np.ceil(np.sqrt(2 * n)))
+    cells = rng.choice(side * side, size=n, replace=False)
+    return np.stack([cells % side, cells // side], axis=1).astype(np.float32) * PATCH_STEP
 
 
 @dataclass
@@ -74,16 +87,20 @@ def export(
     graph = BagClassifier(ensemble.folds, run.feature_dim).eval()
     out = Path(out)
     path = out / GRAPH_FILES[config.format]
-    example = torch.randn(
-        EXAMPLE_INSTANCES, run.feature_dim, generator=torch.Generator().manual_seed(0)
+    example = (
+        torch.randn(EXAMPLE_INSTANCES, run.feature_dim, generator=torch.Generator().manual_seed(0)),
     )
+    if graph.uses_coords:
+        example = (*example, torch.from_numpy(grid_patch_coords(EXAMPLE_INSTANCES)))
     with atomic.atomic_path(path) as tmp:
         if config.format == "onnx":
             _write_onnx(graph, example, tmp, config.opset)
         else:
             _write_torchscript(graph, example, tmp)
-        _self_check(ensemble, tmp, config.format, run.feature_dim)
-    record = model_record(run, ensemble.names, path.name, config.format, file_sha256(path))
+        _self_check(ensemble, tmp, config.format, run.feature_dim, graph.uses_coords)
+    record = model_record(
+        run, ensemble.names, path.name, config.format, file_sha256(path), graph.uses_coords
+    )
     record["calibration"] = ensemble.calibration
     record["temperatures"] = ensemble.temperatures
     atomic.write_text(out / MODEL_JSON, json.dumps(record, indent=2))
@@ -91,52 +108,65 @@ def export(
     return ExportSummary(out, path, record)
 
 
-def _write_onnx(graph: BagClassifier, example: torch.Tensor, path: Path, opset: int) -> None:
+def _write_onnx(
+    graph: BagClassifier, example: tuple[torch.Tensor, ...], path: Path, opset: int
+) -> None:
     require("onnxscript", "export", "ONNX export")
     require("onnx", "export", "ONNX export")
     instances = torch.export.Dim("instances", min=1)
+    names = graph.input_names()
     with torch.inference_mode(False), torch.no_grad():
         torch.onnx.export(
             graph,
-            (example,),
+            example,
             str(path),
             dynamo=True,
             verbose=False,
             opset_version=opset,
-            input_names=[INPUT_NAME],
+            input_names=names,
             output_names=list(OUTPUT_NAMES),
-            dynamic_shapes={INPUT_NAME: {0: instances}},
+            dynamic_shapes={name: {0: instances} for name in names},
         )
 
 
-def _write_torchscript(graph: BagClassifier, example: torch.Tensor, path: Path) -> None:
+def _write_torchscript(graph: BagClassifier, example: tuple[torch.Tensor, ...], path: Path) -> None:
     # Tracing, not scripting: the models' forward returns a Union of tuples that the script
     # compiler refuses; every op here is shape-generic, so the trace serves any N.
     with torchscript_warnings_silenced(), torch.no_grad():
-        traced = torch.jit.trace(graph, (example,), check_trace=False)
+        traced = torch.jit.trace(graph, example, check_trace=False)
         torch.jit.save(traced, str(path))
 
 
-def run_graph(path: Path, graph_format: str, features: np.ndarray) -> dict[str, np.ndarray]:
-    """Run an exported graph file on one bag ``features`` (N, D): output name -> array."""
-    bag = np.ascontiguousarray(features, dtype=np.float32)
+def run_graph(
+    path: Path, graph_format: str, features: np.ndarray, coords: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """Run an exported graph file on one bag ``features`` (N, D), with its patches' ``coords``
+    (N, 2) for a graph that takes them: output name -> array."""
+    inputs = {INPUT_NAME: np.ascontiguousarray(features, dtype=np.float32)}
+    if coords is not None:
+        inputs[COORDS_NAME] = np.ascontiguousarray(coords, dtype=np.float32)
     if graph_format == "onnx":
         ort = require("onnxruntime", "export", "running an ONNX export")
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        values = session.run(list(OUTPUT_NAMES), {INPUT_NAME: bag})
+        values = session.run(list(OUTPUT_NAMES), inputs)
     else:
         with torchscript_warnings_silenced():
             module = torch.jit.load(str(path), map_location="cpu")
         with torch.inference_mode():
-            values = [v.numpy() for v in module(torch.from_numpy(bag))]
+            values = [v.numpy() for v in module(*map(torch.from_numpy, inputs.values()))]
     return dict(zip(OUTPUT_NAMES, values, strict=True))
 
 
-def _self_check(ensemble: Ensemble, path: Path, graph_format: str, feature_dim: int) -> None:
-    """The written graph must give the run's probabilities and attention on a random bag."""
-    bag = np.random.default_rng(0).normal(size=(257, feature_dim)).astype(np.float32)
-    expected = ensemble.infer(bag)
-    got = run_graph(path, graph_format, bag)
+def _self_check(
+    ensemble: Ensemble, path: Path, graph_format: str, feature_dim: int, uses_coords: bool
+) -> None:
+    """The written graph must give the run's probabilities and attention on a random bag (on
+    an irregular patch grid for a graph that takes coordinates)."""
+    bag = np.random.default_rng(0).normal(size=(SELF_CHECK_INSTANCES, feature_dim))
+    bag = bag.astype(np.float32)
+    coords = grid_patch_coords(SELF_CHECK_INSTANCES) if uses_coords else None
+    expected = ensemble.infer(bag, coords)
+    got = run_graph(path, graph_format, bag, coords)
     gaps = {
         "probabilities": np.abs(got["fold_probabilities"] - expected.probabilities).max(),
         "attention": np.abs(got["attention"] - expected.attention).max(),

@@ -29,6 +29,7 @@ from slidemil.explanation.integrated_gradients import (
     integrated_gradients,
 )
 from slidemil.explanation.native import native_scores
+from slidemil.models.registry import model_uses_coords
 
 ExplainMethod = Literal["attention", "ig"]
 EXPLAIN_METHODS: tuple[str, ...] = ("attention", "ig")
@@ -96,6 +97,7 @@ def explain(
     baseline: str = "zero",
     steps: int = DEFAULT_STEPS,
     batch_instances: int = DEFAULT_BATCH_INSTANCES,
+    coords: np.ndarray | Tensor | None = None,
 ) -> Explanation:
     """Per-class scores of each instance of one bag ``features`` (N, D), any float dtype.
 
@@ -106,13 +108,20 @@ def explain(
     logit from ``baseline`` (``"zero"`` model input, or ``"mean"``: the bag's mean feature),
     a ``steps``-node Gauss–Legendre path integral run ``batch_instances // N`` steps per pass,
     each instance's attribution summed (signed) over its D features. The model runs in eval
-    mode (its own mode is restored afterwards); nothing is learned.
+    mode (its own mode is restored afterwards); nothing is learned. ``coords`` (N, 2), the
+    instances' level-0 x, y, go to a model with ``uses_coords`` (every pass; integrated
+    gradients keep them fixed along the path) and to no other.
     """
     settings = ExplanationSettings(method, baseline, steps, batch_instances)
     device = model_device(model)
     x = torch.as_tensor(features).detach().to(device=device, dtype=torch.float32)
     if x.ndim != 2 or x.shape[0] == 0:
         raise ValueError(f"explain takes one non-empty bag (N, D), got shape {tuple(x.shape)}")
+    xy = None
+    if coords is not None and model_uses_coords(model):
+        xy = torch.as_tensor(coords).detach().to(device=device, dtype=torch.float32)
+        if xy.shape != (x.shape[0], 2):
+            raise ValueError(f"coords {tuple(xy.shape)} do not match the bag's {x.shape[0]} rows")
     was_training = model.training
     model.eval()
     # also when called under torch.inference_mode, whose tensors autograd cannot record
@@ -120,13 +129,15 @@ def explain(
         if x.is_inference():
             x = x.clone()
         try:
-            return _explain(model, x, settings)
+            return _explain(model, x, settings, xy)
         finally:
             model.train(was_training)
 
 
-def _explain(model: nn.Module, x: Tensor, settings: ExplanationSettings) -> Explanation:
-    native = native_scores(model, x)
+def _explain(
+    model: nn.Module, x: Tensor, settings: ExplanationSettings, coords: Tensor | None
+) -> Explanation:
+    native = native_scores(model, x, coords)
     common = {
         "logits": _numpy(native.logits),
         "attention": _numpy(native.attention),
@@ -137,7 +148,7 @@ def _explain(model: nn.Module, x: Tensor, settings: ExplanationSettings) -> Expl
         return Explanation(scores, native.class_specific, "attention", **common)
     attribution = integrated_gradients(
         model, x, baseline=settings.baseline, steps=settings.steps,
-        batch_instances=settings.batch_instances,
+        batch_instances=settings.batch_instances, coords=coords,
     )  # fmt: skip
     return Explanation(
         _numpy(attribution.scores), True, "ig", **common,

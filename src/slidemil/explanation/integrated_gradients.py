@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from slidemil.models.registry import coords_keywords
+
 IgBaseline = Literal["zero", "mean"]
 IG_BASELINES: tuple[str, ...] = ("zero", "mean")
 DEFAULT_STEPS = 32
@@ -66,27 +68,35 @@ def integrated_gradients(
     baseline: str = "zero",
     steps: int = DEFAULT_STEPS,
     batch_instances: int = DEFAULT_BATCH_INSTANCES,
+    coords: Tensor | None = None,
 ) -> Attribution:
     """Integrated gradients of every class logit of ``model`` on one bag ``features`` (N, D)
     float32 (the model's input, on its device). The model should be in eval mode (dropout
-    would make the path integral noisy); its parameters' gradients are left untouched."""
+    would make the path integral noisy); its parameters' gradients are left untouched.
+    ``coords`` (N, 2), for a model that uses them, stay fixed along the path."""
     with torch.inference_mode(False):  # autograd cannot record inference tensors
         x = features.detach().float()
         x = x.clone() if x.is_inference() else x
-        return _integrate(model, x, baseline, steps, batch_instances)
+        return _integrate(model, x, baseline, steps, batch_instances, coords)
 
 
 def _integrate(
-    model: nn.Module, x: Tensor, baseline: str, steps: int, batch_instances: int
+    model: nn.Module,
+    x: Tensor,
+    baseline: str,
+    steps: int,
+    batch_instances: int,
+    coords: Tensor | None,
 ) -> Attribution:
     n = x.shape[0]
+    one = coords_keywords(model, None if coords is None else coords[None])
     alphas, weights = quadrature(steps)
     with torch.no_grad():
         reference = baseline_bag(x, baseline).clone()
         delta = x - reference
         full = torch.ones(1, n, dtype=torch.bool, device=x.device)
-        logits = model(x[None], full)[0][0].float()
-        baseline_logits = model(reference[None], full)[0][0].float()
+        logits = model(x[None], full, **one)[0][0].float()
+        baseline_logits = model(reference[None], full, **one)[0][0].float()
     n_classes = logits.shape[0]
     scores = torch.zeros(n_classes, n, dtype=torch.float32, device=x.device)
     per_pass = max(1, batch_instances // max(n, 1))
@@ -96,7 +106,11 @@ def _integrate(
         with torch.enable_grad():
             path = (reference[None] + alpha[:, None, None] * delta[None]).requires_grad_(True)
             mask = torch.ones(path.shape[:2], dtype=torch.bool, device=x.device)
-            path_logits = model(path, mask)[0].float()  # (S, C): each step is its own bag
+            # (S, C): each step is its own bag, all on the same coords
+            on_path = coords_keywords(
+                model, None if coords is None else coords[None].expand(len(alpha), -1, -1)
+            )
+            path_logits = model(path, mask, **on_path)[0].float()
             for c in range(n_classes):
                 (gradient,) = torch.autograd.grad(
                     path_logits[:, c].sum(), path, retain_graph=c < n_classes - 1

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from slidemil.models.registry import coords_keywords
+
 
 @dataclass(frozen=True)
 class NativeScores:
@@ -31,12 +33,14 @@ def has_class_scores(model: nn.Module) -> bool:
     return callable(getattr(model, "class_scores", None))
 
 
-def native_scores(model: nn.Module, features: Tensor) -> NativeScores:
+def native_scores(model: nn.Module, features: Tensor, coords: Tensor | None = None) -> NativeScores:
     """The model's forward pass and native scores on one whole bag ``features`` (N, D) float32,
-    on the model's device; no gradients are recorded."""
+    on the model's device, with its ``coords`` (N, 2) for a model that uses them; no gradients
+    are recorded."""
     mask = torch.ones(1, features.shape[0], dtype=torch.bool, device=features.device)
+    extra = coords_keywords(model, None if coords is None else coords[None])
     with torch.no_grad():
-        logits, attention, raw = model(features[None], mask, return_scores=True)[:3]
+        logits, attention, raw = model(features[None], mask, return_scores=True, **extra)[:3]
         logits, attention, raw = logits[0].float(), attention[0].float(), raw[0].float()
         if has_class_scores(model):
             per_class = model.class_scores(features[None], mask)[0].float()

@@ -20,13 +20,19 @@ MIL model interface, version 2 (what every registered model's module provides):
   tensor already weighted by the model's own option; the training loss is
   ``BagLoss(logits, labels) + auxiliary_loss``. With ``labels=None`` it behaves like any other
   model (validation, prediction, export).
+- Class attribute ``uses_coords: bool`` (absent = False). Such a model's ``forward`` takes an
+  optional keyword ``coords: Tensor | None`` (B, N, 2), the level-0 x, y of the rows (float32 or
+  int64; padding rows ignored), and lays the instances out by them (TransMIL's patch grid); with
+  ``coords=None`` (bags without coordinates, such as CLAM's ``.pt``) it uses the instance order.
+  Training, prediction, explanation and export pass the bag's coords to such a model
+  (:func:`coords_keywords`) and never to any other.
 - Optional method ``class_scores(features, mask) -> Tensor (B, C, N)``: native per-class instance
   scores (CLAM-MB's branches, DSMIL's per-class attention), ``-inf`` on padding. A model without
   it is class-agnostic: its native explanation is the ``scores`` of ``return_scores=True``.
 - Padding never changes a bag's outputs: a bag alone and the same bag padded inside a batch give
   the same logits, attention and scores (to ~1e-5); N = 1 works; ``eval()`` is deterministic.
 - It exports with ``slidemil export`` (ONNX with a dynamic N, and TorchScript) through
-  ``model(x[None], mask, return_scores=True)``.
+  ``model(x[None], mask, return_scores=True)`` (and ``coords=`` for a ``uses_coords`` model).
 
 ``tests/test_model_registry.py`` checks all of this for every registered entry.
 """
@@ -41,11 +47,23 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
-from torch import nn
+from torch import Tensor, nn
 
 from slidemil.errors import ConfigError, RegistryError
 
 ModelBuilder = Callable[..., nn.Module]
+
+
+def model_uses_coords(model: nn.Module) -> bool:
+    """Whether ``model`` (or the model inside a DDP wrapper) takes ``coords=`` (class attribute
+    ``uses_coords``; absent means False)."""
+    return bool(getattr(getattr(model, "module", model), "uses_coords", False))
+
+
+def coords_keywords(model: nn.Module, coords: Tensor | None) -> dict[str, Tensor]:
+    """``{"coords": coords}`` for a model that uses coordinates and a bag that has them, else
+    ``{}``: the keyword arguments to add to ``model(features, mask, ...)``."""
+    return {"coords": coords} if coords is not None and model_uses_coords(model) else {}
 
 
 @dataclass(frozen=True)

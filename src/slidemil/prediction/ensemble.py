@@ -131,8 +131,9 @@ class Ensemble:
             folds.append(FoldModel(name, model.eval(), mean, std, order, temperature))
         return cls(folds, device, explanation)
 
-    def infer(self, features: np.ndarray) -> SlideInference:
-        """Every model on the whole bag ``features`` (N, D), any float dtype.
+    def infer(self, features: np.ndarray, coords: np.ndarray | None = None) -> SlideInference:
+        """Every model on the whole bag ``features`` (N, D), any float dtype, with its patches'
+        level-0 ``coords`` (N, 2) for the models that use them (None: the bag has none).
 
         The bag is moved to the device once in its stored dtype (float16 files stay half size);
         each model's standardised float32 copy is freed before the next model runs. Per-class
@@ -148,7 +149,7 @@ class Ensemble:
                 x = fold.model_input(bag)
             result = explain(
                 fold.model, x, settings.method, baseline=settings.baseline,
-                steps=settings.steps, batch_instances=settings.batch_instances,
+                steps=settings.steps, batch_instances=settings.batch_instances, coords=coords,
             )  # fmt: skip
             del x
             temperature = 1.0 if fold.temperature is None else fold.temperature

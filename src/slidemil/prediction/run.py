@@ -177,7 +177,9 @@ class SlidePredictor:
             path, record.path, record.slide_mpp, feature_dim=self.run.feature_dim,
             identity=self.source.identity, hints=self.source.hints,
         )  # fmt: skip
-        result = self.ensemble.infer(bag.features)
+        # a bag without coordinates (a CLAM .pt bag) has zeros there: lay it out by its order
+        has_coords = bag.geometry.get("has_coords", True) is not False
+        result = self.ensemble.infer(bag.features, bag.coords if has_coords else None)
         probabilities = result.mean_probabilities
         names = self.run.class_names
         attrs = {

@@ -64,9 +64,10 @@ class BagAugmentation:
         features: np.ndarray,
         rows: np.ndarray | None,
         rng: np.random.Generator,
-    ) -> np.ndarray:
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The bag's instances after dropout, each from the plain features or a view: (n, D) in
-        the stored dtype. ``rows`` are the instances ``max_patches`` sampling kept (None: all)."""
+        the stored dtype, and their rows (n,) in the bag. ``rows`` are the instances
+        ``max_patches`` sampling kept (None: all)."""
         if rows is None:
             rows = np.arange(len(features))
         if self.instance_dropout > 0:
@@ -75,7 +76,7 @@ class BagAugmentation:
                 kept[rng.integers(len(rows))] = True
             rows = rows[kept]
         if not self.views:
-            return features[rows]
+            return features[rows], rows
         choice = rng.integers(0, info.n_views + 1, size=len(rows))  # 0: the plain features
         values = features[rows]  # a copy: fancy indexing never aliases the cache
         with self._view_reader(info) as view_rows:
@@ -85,7 +86,7 @@ class BagAugmentation:
                 if drawn.dtype != values.dtype:  # e.g. float32 views next to float16 features
                     values = values.astype(np.result_type(values.dtype, drawn.dtype))
                 values[picked] = drawn
-        return values
+        return values, rows
 
     def add_noise_(self, bag: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         """Add the feature noise to a standardised float32 bag (n, D), in place."""

@@ -96,6 +96,19 @@ def read_bag(path: Path) -> np.ndarray:
         return f["features"][:]
 
 
+def read_bag_coords(path: Path, n_instances: int) -> np.ndarray | None:
+    """The bag's level-0 patch x, y (N, 2) int64 from an HDF5 file's ``/coords`` (slidemil,
+    CLAM, TRIDENT), or None where it has none that fits (``.pt`` bags, a missing dataset, a
+    shape other than (N, 2))."""
+    if path.suffix == ".pt":
+        return None
+    with h5py.File(path, "r") as f:
+        stored = f.get("coords")
+        if not isinstance(stored, h5py.Dataset) or stored.shape != (n_instances, 2):
+            return None
+        return np.asarray(stored[:], dtype=np.int64)
+
+
 @dataclass(frozen=True)
 class Standardizer:
     """Per-feature mean and std (D,), fitted on the training bags only."""
@@ -179,7 +192,9 @@ def _row_chunks(bag: np.ndarray | Path) -> Iterator[np.ndarray]:
 
 
 class BagDataset(Dataset):
-    """Item ``i`` -> ``(features (n, D) float32, label index, i)``.
+    """Item ``i`` -> ``(features (n, D) float32, label index, i, coords (n, 2) float32 | None)``:
+    the coords (level-0 x, y of the same n rows) are None for a bag without them
+    (:func:`read_bag_coords`); with a ``cache`` they are read once and kept beside the bags.
 
     Args:
         bags: the bags' files.
@@ -214,6 +229,8 @@ class BagDataset(Dataset):
         self.seed = seed
         self.augment = augment
         self.epoch = 0
+        # with cached bags, a file is never reopened: its coords (16 bytes a patch) stay in RAM
+        self._coords: dict[str, np.ndarray | None] | None = {} if cache is not None else None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -221,7 +238,7 @@ class BagDataset(Dataset):
     def __len__(self) -> int:
         return len(self.bags)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, torch.Tensor | None]:
         info = self.bags[index]
         features = self.cache[info.slide_id] if self.cache is not None else read_bag(info.path)
         rows = None
@@ -231,9 +248,12 @@ class BagDataset(Dataset):
         augment = self.augment if self.sample else None
         if augment is not None:
             augment_rng = np.random.default_rng((self.seed, self.epoch, index, AUGMENT_STREAM))
-            features = augment.draw_instances(info, features, rows, augment_rng)
+            features, rows = augment.draw_instances(info, features, rows, augment_rng)
         elif rows is not None:
             features = features[rows]
+        coords = self._bag_coords(info)
+        if coords is not None:
+            coords = torch.from_numpy(coords if rows is None else coords[rows]).float()
         # torch converts float16 about ten times faster than numpy; copy=True leaves a cached
         # float32 bag intact under the in-place standardisation
         bag = torch.from_numpy(np.ascontiguousarray(features)).to(torch.float32, copy=True)
@@ -241,7 +261,14 @@ class BagDataset(Dataset):
             self.standardizer.apply_(bag)
         if augment is not None:
             augment.add_noise_(bag, augment_rng)
-        return bag, self.labels[index], index
+        return bag, self.labels[index], index, coords
+
+    def _bag_coords(self, info: BagInfo) -> np.ndarray | None:
+        if self._coords is None:
+            return read_bag_coords(info.path, info.n_instances)
+        if info.slide_id not in self._coords:
+            self._coords[info.slide_id] = read_bag_coords(info.path, info.n_instances)
+        return self._coords[info.slide_id]
 
 
 def load_cache(bags: list[BagInfo]) -> dict[str, np.ndarray]:
@@ -250,21 +277,27 @@ def load_cache(bags: list[BagInfo]) -> dict[str, np.ndarray]:
 
 
 def pad_bags(
-    items: list[tuple[torch.Tensor, int, int]],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    items: list[tuple[torch.Tensor, int, int, torch.Tensor | None]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Collate bags of different sizes: features (B, N_max, D) zero-padded, mask (B, N_max) bool
-    (True on real instances), labels (B,) and dataset indices (B,)."""
+    (True on real instances), labels (B,), dataset indices (B,) and coords (B, N_max, 2) float32
+    zero-padded, or None when a bag of the batch has none (then no bag of it gets any)."""
+    with_coords = all(item[3] is not None for item in items)
     if len(items) == 1:  # one bag (inference, batch size 1): nothing to pad, nothing to copy
         features = items[0][0][None]
         mask = torch.ones(features.shape[:2], dtype=torch.bool)
+        coords = items[0][3][None] if with_coords else None
     else:
-        longest = max(features.shape[0] for features, _, _ in items)
+        longest = max(item[0].shape[0] for item in items)
         dim = items[0][0].shape[1]
         features = torch.zeros(len(items), longest, dim)
         mask = torch.zeros(len(items), longest, dtype=torch.bool)
-        for row, (bag, _, _) in enumerate(items):
+        coords = torch.zeros(len(items), longest, 2) if with_coords else None
+        for row, (bag, _, _, bag_coords) in enumerate(items):
             features[row, : len(bag)] = bag
             mask[row, : len(bag)] = True
-    labels = torch.tensor([label for _, label, _ in items], dtype=torch.long)
-    indices = torch.tensor([index for _, _, index in items], dtype=torch.long)
-    return features, mask, labels, indices
+            if coords is not None:
+                coords[row, : len(bag)] = bag_coords
+    labels = torch.tensor([item[1] for item in items], dtype=torch.long)
+    indices = torch.tensor([item[2] for item in items], dtype=torch.long)
+    return features, mask, labels, indices, coords

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from slidemil.models.registry import coords_keywords
 from slidemil.training.distributed import DistContext
 from slidemil.training.loop import model_uses_labels
 
@@ -31,13 +32,16 @@ def wrap_ddp(
     for n in PROBE_SIZES:
         features = torch.randn(1, n, in_dim, generator=noise).to(device)
         mask = torch.ones(1, n, dtype=torch.bool, device=device)
+        # a row of grid patches, for a model that lays its instances out by them
+        grid = torch.arange(n, dtype=torch.float32, device=device) * 256
+        extra = coords_keywords(core, torch.stack([grid, torch.zeros_like(grid)], dim=1)[None])
         for label in range(n_classes if uses_labels else 1):
             if uses_labels:
                 labels = torch.tensor([label], device=device)
-                logits, _, auxiliary = core(features, mask, labels=labels)
+                logits, _, auxiliary = core(features, mask, labels=labels, **extra)
                 objective = logits.float().sum() + auxiliary.float()
             else:
-                objective = core(features, mask)[0].float().sum()
+                objective = core(features, mask, **extra)[0].float().sum()
             objective.backward()
             unused = unused or any(p.requires_grad and p.grad is None for p in core.parameters())
             core.zero_grad(set_to_none=True)

@@ -7,7 +7,9 @@ The training step's hook for label-aware models (MIL model interface version 2, 
 in training as ``model(features, mask, labels=labels)`` and returns ``(logits, attention,
 auxiliary_loss)``; the step minimises ``BagLoss(logits, labels) + auxiliary_loss``. Every other
 call (validation, prediction, export) is ``model(features, mask)``, for every model, so the
-validation loss is the bag loss alone.
+validation loss is the bag loss alone. A model with ``uses_coords`` also gets the batch's
+``coords=`` (B, N, 2) wherever the batch has them
+(:func:`slidemil.models.registry.coords_keywords`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from slidemil.models.registry import coords_keywords
 from slidemil.training.config import TrainConfig
 
 
@@ -195,17 +198,20 @@ def training_objective(
     mask: torch.Tensor,
     labels: torch.Tensor,
     loss_fn: nn.Module,
+    coords: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The training step's forward pass: ``(bag loss, auxiliary loss)``, scalar float32 tensors.
 
     A label-aware model (:func:`model_uses_labels`) gets ``labels`` (B,) and returns its
-    auxiliary loss third, already weighted by its own option; for the others it is 0.
+    auxiliary loss third, already weighted by its own option; for the others it is 0. A model
+    with ``uses_coords`` gets ``coords`` (B, N, 2) when given.
     """
+    extra = coords_keywords(model, coords)
     if model_uses_labels(model):
-        logits, _, auxiliary = model(features, mask, labels=labels)
+        logits, _, auxiliary = model(features, mask, labels=labels, **extra)
         auxiliary = auxiliary.float()
     else:
-        logits = model(features, mask)[0]
+        logits = model(features, mask, **extra)[0]
         auxiliary = torch.zeros((), device=logits.device)
     return loss_fn(logits.float(), labels), auxiliary
 
@@ -231,13 +237,14 @@ def train_one_epoch(
     # summed on the device: converting each step's loss to a float would wait for the GPU
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     count = 0
-    for features, mask, labels, _ in loader:
+    for features, mask, labels, _, coords in loader:
         features = features.to(device, non_blocking=True)
         mask = mask.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
+        coords = None if coords is None else coords.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, amp):
-            bag_loss, auxiliary = training_objective(model, features, mask, labels, loss_fn)
+            bag_loss, auxiliary = training_objective(model, features, mask, labels, loss_fn, coords)
         scaler.scale(bag_loss + auxiliary).backward()
         if grad_clip is not None:
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
@@ -258,11 +265,12 @@ def predict(
     instances only), over every bag of ``loader`` with all its instances."""
     model.eval()
     probabilities, indices, attention = [], [], []
-    for features, mask, _, index in loader:
+    for features, mask, _, index, coords in loader:
         features = features.to(device, non_blocking=True)
         mask_on_device = mask.to(device, non_blocking=True)
+        coords = None if coords is None else coords.to(device, non_blocking=True)
         with autocast(device, amp):
-            logits, weights = model(features, mask_on_device)[:2]
+            logits, weights = model(features, mask_on_device, **coords_keywords(model, coords))[:2]
         probabilities.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
         indices.append(index.numpy())
         weights = weights.float().cpu()
