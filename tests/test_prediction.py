@@ -173,6 +173,33 @@ def test_the_ensemble_is_the_mean_of_the_folds_each_with_its_own_standardisation
     assert single.attrs["models"] == ["fold_0"]
 
 
+def test_a_cohort_with_sites_gives_per_site_rows_for_an_external_evaluation(toy, tmp_path):
+    """predictions.csv carries the cohort's site column, so `evaluate --external` reports each
+    site of the new cohort."""
+    from slidemil.evaluation import evaluate
+
+    work, shared_run = toy
+    run = shutil.copytree(shared_run, tmp_path / "run")  # evaluate writes report/ into the run
+    cohort = pd.read_csv(work / "cohort.csv")
+    # the labels alternate: both classes at each site
+    cohort["site"] = ["north" if i < len(cohort) // 2 else "south" for i in range(len(cohort))]
+    cohort.to_csv(tmp_path / "sites.csv", index=False)
+    out = tmp_path / "preds"
+    predict(run, tmp_path / "sites.csv", out, features=work / "features" / "toy", quiet=True)
+    table = pd.read_csv(out / "predictions.csv")
+    assert list(table.columns[:4]) == ["slide_id", "patient_id", "site", "label"]
+    assert (
+        table.set_index("slide_id")["site"].to_dict()
+        == cohort.set_index("slide_id")["site"].to_dict()
+    )
+
+    evaluate(run, external=out / "predictions.csv", quiet=True)
+    per_site = pd.read_csv(run / "report" / "per_site.csv")
+    external = per_site[(per_site["cohort"] == "external") & (per_site["level"] == "slide")]
+    assert sorted(external["site"]) == ["north", "south"]
+    assert external["n"].sum() == len(cohort)
+
+
 def test_a_rerun_resumes_and_still_lists_every_slide(toy, toy_predictions, tmp_path):
     work, run = toy
     out = tmp_path / "preds"

@@ -2,7 +2,8 @@
 
 Layout under ``out``::
 
-    predictions.csv          slide_id, patient_id, [label], prob_<class> ..., predicted, n_patches
+    predictions.csv          slide_id, patient_id, [site], [label], prob_<class> ...,
+                             predicted, calibration, n_patches
     attention/<slide_id>.h5  coords, attention, raw scores and per-class scores (by the
                              ``explain`` method) per model (formats.attention_file)
     failures.csv             slides without a prediction, with the reason (no_tissue, ...)
@@ -218,8 +219,9 @@ class SlidePredictor:
 def prediction_table(
     cohort: Cohort, attention_dir: Path, class_names: tuple[str, ...]
 ) -> pd.DataFrame:
-    """One row per cohort slide with an attention file, in cohort order."""
-    with_labels = cohort.has_labels
+    """One row per cohort slide with an attention file, in cohort order; with a ``site`` column
+    when the cohort has sites (third, as in training's tables), for per-site metrics."""
+    with_labels, with_sites = cohort.has_labels, cohort.has_sites
     rows = []
     for record in cohort:
         path = attention_dir / f"{record.slide_id}.h5"
@@ -227,6 +229,8 @@ def prediction_table(
             continue
         attrs = read_attention_attrs(path)
         row: dict[str, Any] = {"slide_id": record.slide_id, "patient_id": record.patient_id}
+        if with_sites:
+            row["site"] = record.site or ""
         if with_labels:
             row["label"] = record.label
         stored = list(attrs.get("class_names") or [])
@@ -236,7 +240,8 @@ def prediction_table(
         row["calibration"] = attrs.get("calibration", "none")
         row["n_patches"] = attrs.get("n_patches")
         rows.append(row)
-    columns = ["slide_id", "patient_id", *(["label"] if with_labels else [])]
+    columns = ["slide_id", "patient_id", *(["site"] if with_sites else [])]
+    columns += ["label"] if with_labels else []
     columns += [f"{PROB_PREFIX}{c}" for c in class_names] + ["predicted", "calibration"]
     columns.append("n_patches")
     return pd.DataFrame(rows, columns=columns)
