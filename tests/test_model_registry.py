@@ -10,8 +10,6 @@ files (tests/random_bags.py), real training runs, real torchrun.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import pytest
 import torch
 import yaml
 
+from launch import torchrun
 from random_bags import RandomWork, make_random_work
 from slidemil.errors import ConfigError
 from slidemil.models import ModelEntry, build_model, get_model_entry, list_models
@@ -246,15 +245,7 @@ def _ddp_job(work_root: str, out: str) -> None:
 
 @pytest.mark.slow
 def test_every_model_trains_under_two_process_gloo_ddp(work, tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += ["--nproc_per_node", "2", __file__, str(work.root), str(tmp_path)]
-    done = subprocess.run(
-        command,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    done = torchrun(__file__, str(work.root), str(tmp_path))
     assert done.returncode == 0, done.stderr[-4000:]
     for name in MODELS:
         fold = tmp_path / name / "fold_0"

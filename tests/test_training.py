@@ -7,9 +7,6 @@ Every run uses real feature files written by ``tests/random_bags.py`` and real t
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -21,6 +18,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from launch import torchrun
 from random_bags import make_random_work
 from slidemil.config import STAGE_SECTIONS, build, write_resolved
 from slidemil.errors import ConfigError
@@ -340,15 +338,7 @@ def test_two_process_torchrun_on_cpu_matches_a_single_process_run(tmp_path):
     args = ["train", str(work.root), "--epochs", "2", "--hidden-dim", "16", "--attention-dim", "8"]
     args += ["--device", "cpu", "--quiet"]
     train(work.root, tmp_path / "single", epochs=2, **TINY)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += ["--nproc_per_node", "2", "-m", "slidemil", *args, "--out", str(tmp_path / "ddp")]
-    done = subprocess.run(
-        command,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    done = torchrun("-m", "slidemil", *args, "--out", str(tmp_path / "ddp"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("1 fold(s) trained") == 1  # rank 0 only
 
@@ -546,15 +536,7 @@ def test_a_torchrun_job_resumed_by_one_process_is_refused(tmp_path):
     out = tmp_path / "ddp"
     args = ["train", str(work.root), "--epochs", "3", "--hidden-dim", "16", "--attention-dim", "8"]
     args += ["--device", "cpu", "--quiet", "--epoch-budget", "1", "--out", str(out)]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += ["--nproc_per_node", "2", "-m", "slidemil", *args]
-    done = subprocess.run(
-        command,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    done = torchrun("-m", "slidemil", *args)
     assert done.returncode == 0, done.stderr[-3000:]
     assert load_checkpoint(out / "fold_0" / "checkpoint_latest.pt")["world_size"] == 2
     with pytest.raises(ConfigError, match=r"used 2 process\(es\), this one 1.*nproc_per_node"):
