@@ -33,3 +33,32 @@ def test_summary_line_is_the_first_sentence_cut_at_a_top_level_colon_when_long()
     assert summary_line(long) == "Evaluate a run"
     bracketed = "Encode patches (resumable; " + "x " * 40 + ") fast."
     assert summary_line(bracketed) == bracketed.rstrip(".")
+
+
+def test_a_command_imports_only_its_own_stage():
+    """``slidemil patch`` starts without importing the other stages, pandas or torch (a cohort
+    of small slides is patched in less time than those imports take); ``--help`` lists all."""
+    probe = (
+        "import sys\n"
+        "from slidemil.cli.app import main\n"
+        "sys.argv = ['slidemil', *sys.argv[1:]]\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "names = ('pandas', 'torch', 'slidemil.cli.train_command', 'slidemil.cli.patch_command')\n"
+        "print(','.join(n for n in names if n in sys.modules))\n"
+    )
+    env = {**os.environ, "COLUMNS": "200", "TERM": "dumb"}
+
+    def loaded(*args: str) -> list[str]:
+        result = subprocess.run(
+            [sys.executable, "-c", probe, *args], capture_output=True, text=True, env=env,
+            check=True,
+        )  # fmt: skip
+        return result.stdout.strip().splitlines()[-1].split(",")
+
+    assert loaded("patch", "--help") == ["slidemil.cli.patch_command"]
+    assert loaded("--verbose", "patch", "--help") == ["slidemil.cli.patch_command"]
+    assert "slidemil.cli.train_command" in loaded("--help")
+    assert "slidemil.cli.train_command" in loaded("nonsense")  # typer names the known commands

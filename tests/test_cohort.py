@@ -159,3 +159,45 @@ def test_an_optional_site_column_is_read_kept_and_saved(slide_files, tmp_path):
     assert load_cohort(tmp_path / "manifest.csv").slides == cohort.slides
     plain = load_cohort(_csv(slide_files, "slide_id,path,label,patient_id\nA,slides/a.svs,x,p1\n"))
     assert not plain.has_sites and plain["A"].site is None
+
+
+def test_spreadsheet_exports_are_read_as_written(slide_files):
+    """Excel's "CSV UTF-8": a byte-order mark, CRLF line ends, quoted cells with commas, a
+    blank line and spaces after the commas; the line numbers of problems stay the file's."""
+    text = (
+        "\ufeffslide_id, path,label,patient_id\r\n"
+        'A, slides/a.svs,"tumour, grade 2",p1\r\n'
+        "\r\n"
+        "B,slides/b.svs,normal,p2\r\n"
+        "C,slides/c.svs,,p3\r\n"
+    )
+    path = slide_files / "excel.csv"
+    path.write_bytes(text.encode("utf-8"))
+    with pytest.raises(CohortError, match="line 5: empty label"):
+        load_cohort(path)
+    path.write_bytes(text.replace("C,slides/c.svs,,p3", "C,slides/c.svs,normal,p3").encode())
+    cohort = load_cohort(path)
+    assert [r.slide_id for r in cohort] == ["A", "B", "C"]
+    assert cohort["A"].label == "tumour, grade 2"
+    assert cohort["A"].path == (slide_files / "slides" / "a.svs").resolve()
+
+
+def test_a_row_with_too_many_cells_is_named(slide_files):
+    path = _csv(slide_files, "slide_id,path,label,patient_id\nA,slides/a.svs,x,p1\nB,b,y,p2,9\n")
+    with pytest.raises(CohortError, match="line 3 has 5 fields, the header 4"):
+        load_cohort(path)
+
+
+def test_short_rows_read_as_blank_cells_and_a_twice_named_column_is_refused(slide_files):
+    path = _csv(slide_files, "slide_id,path,label,patient_id,site\nA,slides/a.svs,x,p1\n")
+    assert load_cohort(path)["A"].site is None
+    path = _csv(slide_files, "slide_id,path,label,label,patient_id\nA,slides/a.svs,x,y,p1\n")
+    with pytest.raises(CohortError, match="label appear twice"):
+        load_cohort(path)
+    with pytest.raises(CohortError, match="no header"):
+        load_cohort(_csv(slide_files, ""))
+    with pytest.raises(CohortError, match="not a readable CSV"):
+        (slide_files / "latin1.csv").write_bytes(
+            "slide_id,path\nA,slides/\xe9.svs\n".encode("latin-1")
+        )
+        load_cohort(slide_files / "latin1.csv", require_labels=False)

@@ -539,3 +539,21 @@ def test_read_patches_resizes_each_read_like_opencv(tmp_path, image):
             expected = cv2.resize(small, (100, 100), interpolation=cv2.INTER_LINEAR)
             assert np.array_equal(grown[row], expected)
             assert np.array_equal(same[row], reader.read_region((x, y), 0, (64, 64)))
+
+
+def test_whole_level_reads_return_the_stored_pixels_on_odd_downsamples(tmp_path):
+    """A level of an odd-sized slide has a downsample that is not a whole number (2501 px ->
+    1251: 1.9992); reading all of it block by block must give its stored px, as a segmentation
+    image should, not blocks resampled by the fraction of a px their level-0 origins fall at."""
+    from slidemil.slide import REGION_CHUNK, Slide
+
+    picture = tissue_like(2501, 1301, seed=3)
+    path = write_generic_tiff(tmp_path / "odd.tif", picture, "zlib", downsamples=(1, 2))
+    stored = tifffile.imread(path, series=0, level=1)
+    assert stored.shape[1] > REGION_CHUNK  # read in more than one block
+    with Slide(path, reader="tiles") as slide:
+        assert slide.level_downsamples[1] % 1 != 0
+        assert np.array_equal(slide.read_level(1), stored)
+    with Slide(path, reader="openslide") as slide:  # nearest level-0 origin: within a px
+        difference = np.abs(slide.read_level(1).astype(int) - stored)
+        assert difference.mean() < SUBPIXEL_MEAN_DIFF

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from slidemil.errors import ConfigError, SlideOpenError, WorkerCrashError
@@ -302,3 +304,50 @@ def test_failures_csv_ignores_temp_files_of_records_being_written(tmp_path):
     (folder / ".s1.tmp-0123abcd.json").write_text(json.dumps(record))  # a rename in flight
     write_failures_csv(tmp_path)
     assert list(read_failures(tmp_path)["slide_id"]) == ["s1"]
+
+
+def test_locks_survive_other_processes_removing_the_emptied_folder(tmp_path):
+    """Each finishing run removes the empty lock folder; another run making it at that moment
+    must still get its lock (two patch processes on one folder once failed so)."""
+    import threading
+
+    from slidemil.locks import SlideLocks
+
+    folder, errors = tmp_path / ".locks", []
+
+    def churn(name: str) -> None:
+        try:
+            for _ in range(2000):
+                locks = SlideLocks(folder, "test")
+                assert locks.acquire(name)
+                locks.release_all()  # removes the folder when it is empty
+        except Exception as e:  # noqa: BLE001 - collected for the assertion below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=churn, args=(name,)) for name in "abc"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+
+
+def test_a_lock_left_empty_is_taken_over_once_it_is_not_new(tmp_path):
+    """A process killed while creating its lock (an older slidemil wrote the owner after
+    creating the file) leaves an empty lock: a rerun takes it over instead of waiting 10 min."""
+    import os
+    import time
+
+    from slidemil.locks import UNREADABLE_LOCK_SECONDS, SlideLocks
+
+    locks = SlideLocks(tmp_path / ".locks", "test")
+    empty = locks.path("slide_a")
+    empty.parent.mkdir()
+    empty.write_text("")
+    assert not locks.acquire("slide_a")  # just written: perhaps being filled right now
+    old = time.time() - UNREADABLE_LOCK_SECONDS - 5
+    os.utime(empty, (old, old))
+    assert locks.acquire("slide_a")
+    assert json.loads(empty.read_text())["pid"] == os.getpid()  # it appeared with its owner
+    locks.release_all()
+    assert not (tmp_path / ".locks").exists()

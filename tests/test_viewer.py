@@ -245,6 +245,18 @@ def test_low_zoom_tiles_of_a_flat_slide_read_it_in_bounded_blocks(tmp_path):
     assert np.abs(got.astype(float) - expected).mean() < 6
 
 
+@pytest.mark.parametrize("reader", ["openslide", "tiles"])
+def test_the_chosen_reader_serves_the_same_tiles(predicted, reader):
+    path = predicted.parent / "slides" / "slide_a.svs"
+    chosen, auto = SlidePyramid(path, 254, reader=reader), SlidePyramid(path, 254)
+    assert chosen.slide.reader_name == reader
+    level = chosen.level_count - 2
+    got = np.asarray(Image.open(io.BytesIO(chosen.tile_jpeg(level, 0, 0))).convert("RGB"))
+    reference = np.asarray(Image.open(io.BytesIO(auto.tile_jpeg(level, 0, 0))).convert("RGB"))
+    assert got.shape == reference.shape
+    assert np.abs(got.astype(float) - reference).mean() < 2  # JPEG decoders, then our JPEG
+
+
 def test_attention_tiles_are_hot_exactly_on_the_top_patch(server):
     tile, overlap, deepest = pyramid_of(server, "attention/mean")
     for steps_down in (0, 2):
@@ -420,7 +432,15 @@ def test_cli_help_names_every_option():
 
     result = CliRunner().invoke(app, ["view", "--help"], terminal_width=200)
     assert result.exit_code == 0
-    for option in ("--run", "--port", "--host", "--cohort", "--cmap", "--tile-cache-mb"):
+    for option in (
+        "--run",
+        "--port",
+        "--host",
+        "--cohort",
+        "--cmap",
+        "--tile-cache-mb",
+        "--reader",
+    ):
         assert option in result.output
 
 

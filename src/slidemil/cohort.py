@@ -10,12 +10,12 @@ all are numbers).
 
 from __future__ import annotations
 
+import csv
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from slidemil import atomic
 from slidemil.errors import CohortError, SlidemilError
@@ -27,6 +27,10 @@ OPTIONAL_COLUMNS = ("mask_path", "split", "slide_mpp", "site")
 SPLIT_NAMES = ("train", "val", "test")
 # slide ids become file names in every stage's output folder
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
+COLUMNS = (*REQUIRED_COLUMNS, *TRAINING_COLUMNS, *OPTIONAL_COLUMNS)
+
+if TYPE_CHECKING:  # pandas loads only where a frame is asked for: patching never needs it
+    import pandas as pd
 
 
 @dataclass(frozen=True)
@@ -86,26 +90,32 @@ class Cohort:
         kept = tuple(s for s in self.slides if s.slide_id in wanted)
         return Cohort(kept, self.class_names, self.source)
 
+    def rows(self) -> list[dict[str, str | None]]:
+        """One dict per slide over :data:`COLUMNS` (absolute paths; ``None`` for blanks)."""
+        return [
+            {
+                "slide_id": s.slide_id,
+                "path": str(s.path),
+                "label": s.label,
+                "patient_id": s.patient_id,
+                "mask_path": None if s.mask_path is None else str(s.mask_path),
+                "split": s.split,
+                "slide_mpp": None if s.slide_mpp is None else repr(s.slide_mpp),
+                "site": s.site,
+            }
+            for s in self.slides
+        ]
+
     def to_frame(self) -> pd.DataFrame:
-        rows = []
-        for s in self.slides:
-            rows.append(
-                {
-                    "slide_id": s.slide_id,
-                    "path": str(s.path),
-                    "label": s.label,
-                    "patient_id": s.patient_id,
-                    "mask_path": None if s.mask_path is None else str(s.mask_path),
-                    "split": s.split,
-                    "slide_mpp": s.slide_mpp,
-                    "site": s.site,
-                }
-            )
-        return pd.DataFrame(rows, columns=[*REQUIRED_COLUMNS, *TRAINING_COLUMNS, *OPTIONAL_COLUMNS])
+        import pandas as pd
+
+        frame = pd.DataFrame(self.rows(), columns=list(COLUMNS))
+        frame["slide_mpp"] = [s.slide_mpp for s in self.slides]
+        return frame
 
     def save(self, path: str | Path) -> None:
         """Write the validated manifest (absolute paths) atomically."""
-        atomic.write_csv(path, self.to_frame())
+        atomic.write_rows(path, COLUMNS, self.rows())
 
 
 def sort_class_names(labels) -> tuple[str, ...]:
@@ -138,28 +148,22 @@ def load_cohort(
     if not csv_path.is_file():
         what = "is a directory, expected a CSV file" if csv_path.is_dir() else "file not found"
         raise CohortError(csv_path, what)
-    try:
-        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise CohortError(csv_path, f"not a readable CSV: {e}") from e
-    frame.columns = [str(c).strip() for c in frame.columns]
-
+    header, rows = _read_table(csv_path)
     needed = REQUIRED_COLUMNS + (TRAINING_COLUMNS if require_labels else ())
-    missing = [c for c in needed if c not in frame.columns]
+    missing = [c for c in needed if c not in header]
     if missing:
         raise CohortError(
             csv_path,
-            f"missing column(s) {', '.join(missing)}; found {', '.join(frame.columns) or 'none'}",
+            f"missing column(s) {', '.join(missing)}; found {', '.join(header) or 'none'}",
             f"the header must contain {', '.join(needed)}",
         )
-    if frame.empty:
+    if not rows:
         raise CohortError(csv_path, "no slides listed")
 
     problems: list[str] = []
     records: list[SlideRecord] = []
     seen: dict[str, int] = {}
-    for index, row in frame.iterrows():
-        line = int(index) + 2  # header is line 1
+    for line, row in rows:
         record = _parse_row(row, line, csv_path.parent, require_labels, check_files, problems)
         if record is None:
             continue
@@ -188,9 +192,41 @@ def load_cohort(
     return Cohort(tuple(records), names, csv_path)
 
 
+def _read_table(csv_path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """The stripped header and ``(line number, {column: cell})`` of every non-blank row.
+
+    The csv module, not pandas: a cohort is a few thousand rows at most, and every stage's
+    start-up would otherwise pay for importing pandas.
+    """
+    try:
+        with csv_path.open(encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f, skipinitialspace=True)
+            header = [name.strip() for name in next(reader, [])]
+            if not any(header):
+                raise CohortError(csv_path, "not a readable CSV: no header line")
+            twice = sorted({n for n in header if n in COLUMNS and header.count(n) > 1})
+            if twice:
+                raise CohortError(csv_path, f"column(s) {', '.join(twice)} appear twice")
+            rows = []
+            for cells in reader:
+                if not any(cell.strip() for cell in cells) and len(cells) <= 1:
+                    continue  # a blank line
+                if len(cells) > len(header):
+                    raise CohortError(
+                        csv_path,
+                        f"not a readable CSV: line {reader.line_num} has {len(cells)} fields, "
+                        f"the header {len(header)}",
+                    )
+                cells = cells + [""] * (len(header) - len(cells))
+                rows.append((reader.line_num, dict(zip(header, cells, strict=True))))
+    except (csv.Error, UnicodeDecodeError) as e:
+        raise CohortError(csv_path, f"not a readable CSV: {e}") from e
+    return header, rows
+
+
 def _parse_row(row, line, base, require_labels, check_files, problems) -> SlideRecord | None:
     def cell(name: str) -> str:
-        return str(row[name]).strip() if name in row.index else ""
+        return row.get(name, "").strip()
 
     start = len(problems)
     slide_id = cell("slide_id")

@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 LOCK_HEARTBEAT_SECONDS = 30.0  # how often a held lock is touched
 LOCK_STALE_SECONDS = 600.0  # a lock untouched this long belongs to a dead process
 LOCK_POLL_SECONDS = 0.05
+UNREADABLE_LOCK_SECONDS = 10.0  # an unreadable lock this old is taken over
+FOLDER_RACE_ATTEMPTS = 10  # tries to make the lock folder while finishing processes remove it
 
 
 class SlideLocks:
@@ -84,23 +86,30 @@ class SlideLocks:
         self._thread.start()
 
     def _create(self, name: str) -> bool:
-        self.folder.mkdir(parents=True, exist_ok=True)
         token = uuid.uuid4().hex
         owner = {"host": socket.gethostname(), "pid": os.getpid(), "token": token,
                  "stage": self.stage, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
-        flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY
-        try:
-            fd = os.open(self.path(name), flags, 0o644)
-        except FileExistsError:
-            return False
-        except FileNotFoundError:  # the folder was just removed by a process that finished
-            self.folder.mkdir(parents=True, exist_ok=True)
+        # The lock appears with its owner already in it: written to a file of this process's
+        # own, then hard-linked to the lock's name (which fails if the name exists). A lock
+        # created empty and filled afterwards would, if the process were killed in between,
+        # stay unreadable, and an unreadable lock counts as just created for LOCK_STALE_SECONDS.
+        # A process that finishes removes the empty folder (release_all), so it may vanish
+        # between making it and locking in it, or even inside mkdir: make it again.
+        for attempt in range(FOLDER_RACE_ATTEMPTS):
+            with contextlib.suppress(FileExistsError):  # made and removed meanwhile: retried
+                self.folder.mkdir(parents=True, exist_ok=True)
+            draft = self.folder / f".{name}.lock.{token}"
             try:
-                fd = os.open(self.path(name), flags, 0o644)
+                draft.write_text(json.dumps(owner), encoding="utf-8")
+                os.link(draft, self.path(name))
+                break
             except FileExistsError:
                 return False
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(owner))
+            except FileNotFoundError:
+                if attempt == FOLDER_RACE_ATTEMPTS - 1:
+                    raise
+            finally:
+                draft.unlink(missing_ok=True)
         self.held[name] = token
         return True
 
@@ -143,8 +152,10 @@ def _read_lock(path: Path) -> dict[str, Any] | None:
 def _is_stale(owner: dict[str, Any] | None, age_seconds: float) -> bool:
     if age_seconds > LOCK_STALE_SECONDS:
         return True
-    if owner is None or owner.get("host") != socket.gethostname():
-        return False  # unreadable (just created), or another host: only its age can tell
+    if owner is None:  # locks appear whole, so only a damaged (or old-version) one is unreadable
+        return age_seconds > UNREADABLE_LOCK_SECONDS
+    if owner.get("host") != socket.gethostname():
+        return False  # another host's: only its age can tell
     return not _pid_alive(owner.get("pid"))
 
 

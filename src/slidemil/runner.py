@@ -27,9 +27,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 from tqdm.auto import tqdm
 
 from slidemil import atomic
@@ -41,6 +40,9 @@ from slidemil.errors import (
     error_class_for,
 )
 from slidemil.locks import SlideLocks
+
+if TYPE_CHECKING:  # loaded where a failures table is read: a clean run never needs pandas
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -501,8 +503,7 @@ def write_failures_csv(out_dir: str | Path) -> Path | None:
         if not records:
             target.unlink(missing_ok=True)
             return None
-        frame = pd.DataFrame(list(records.values()), columns=FAILURE_COLUMNS)
-        atomic.write_csv(target, frame)
+        atomic.write_rows(target, FAILURE_COLUMNS, records.values())
         return target
     finally:
         if held:
@@ -511,6 +512,8 @@ def write_failures_csv(out_dir: str | Path) -> Path | None:
 
 def read_failures(out_dir: str | Path) -> pd.DataFrame:
     """The failures recorded under ``out_dir`` (empty frame when none)."""
+    import pandas as pd
+
     path = Path(out_dir) / "failures.csv"
     if not path.is_file():
         return pd.DataFrame(columns=FAILURE_COLUMNS)

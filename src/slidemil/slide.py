@@ -202,6 +202,9 @@ class Slide:
         scale = plan.scale
         # output px per block side, so that one block reads at most REGION_CHUNK px a side
         block = max(1, math.floor(REGION_CHUNK / max(scale, 1.0)))
+        # blocks are placed in plan.level's own px, so none is shifted by a fraction of a px
+        level_x = round(int(location[0]) / plan.level_downsample)
+        level_y = round(int(location[1]) / plan.level_downsample)
         out = np.empty((height, width, 3), np.uint8)
         for y in range(0, height, block):
             for x in range(0, width, block):
@@ -209,11 +212,9 @@ class Slide:
                 # the block's footprint at plan.level, widened to whole px
                 sx0, sy0 = math.floor(x * scale), math.floor(y * scale)
                 sx1, sy1 = math.ceil((x + w) * scale), math.ceil((y + h) * scale)
-                origin = (
-                    int(location[0]) + round(sx0 * plan.level_downsample),
-                    int(location[1]) + round(sy0 * plan.level_downsample),
+                region = self._reader.read_level_region(
+                    plan.level, (level_x + sx0, level_y + sy0), (sx1 - sx0, sy1 - sy0)
                 )
-                region = self.read_region(origin, plan.level, (sx1 - sx0, sy1 - sy0))
                 out[y : y + h, x : x + w] = resize_patch(region, (w, h))
         return out
 

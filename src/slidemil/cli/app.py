@@ -87,9 +87,12 @@ def summary_line(docstring: str | None, limit: int = 90) -> str:
 
 
 def main() -> None:
-    # Register the commands (each module adds itself to ``app``).
-    from slidemil.cli import commands  # noqa: F401
+    # Register the commands (each module adds itself to ``app``): only the one being run, so
+    # its start-up does not import every stage; all of them for help and unknown commands.
+    from slidemil.cli.command_index import invoked_command, register
 
+    command = invoked_command(sys.argv[1:])
+    register(None if command is None else [command])
     for info in app.registered_commands:
         if info.short_help is None and info.callback is not None:
             info.short_help = summary_line(info.callback.__doc__)

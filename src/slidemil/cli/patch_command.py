@@ -23,6 +23,7 @@ def patch(
     step: int = typer.Option(None, help=H("step")),
     min_tissue: float = typer.Option(None, help=H("min_tissue")),
     slide_mpp: float = typer.Option(None, help=H("slide_mpp")),
+    seg_mpp: float = typer.Option(None, help=H("seg_mpp")),
     seg_size: int = typer.Option(None, help=H("seg_size")),
     sthresh: int = typer.Option(None, help=H("sthresh")),
     sthresh_up: int = typer.Option(None, help=H("sthresh_up")),
@@ -49,7 +50,8 @@ def patch(
 
     options = dict(
         mpp=mpp, magnification=magnification, patch_size=patch_size, step=step,
-        min_tissue=min_tissue, slide_mpp=slide_mpp, seg_size=seg_size, sthresh=sthresh,
+        min_tissue=min_tissue, slide_mpp=slide_mpp, seg_mpp=seg_mpp, seg_size=seg_size,
+        sthresh=sthresh,
         sthresh_up=sthresh_up, mthresh=mthresh, close=close, use_otsu=use_otsu,
         min_tissue_area_um2=min_tissue_area_um2, min_hole_area_um2=min_hole_area_um2,
         max_n_holes=max_n_holes, previews=previews, workers=workers, shard=shard,

@@ -30,6 +30,7 @@ def view(
     tile_size: int = typer.Option(None, help=H("tile_size")),
     tile_cache_mb: int = typer.Option(None, help=H("tile_cache_mb")),
     page_size: int = typer.Option(None, help=H("page_size")),
+    reader: str = typer.Option(None, help=H("reader")),
     config: Path = typer.Option(None, "--config", help="YAML file; its 'view' section."),
 ) -> None:
     """Serve the predicted slides to a web browser: a sortable list with each slide's prediction
@@ -43,7 +44,7 @@ def view(
     options = dict(
         run=run, port=port, host=host, cohort=cohort, normalisation=normalisation, cmap=cmap,
         smooth=smooth, top_k=top_k, tile_size=tile_size, tile_cache_mb=tile_cache_mb,
-        page_size=page_size,
+        page_size=page_size, reader=reader,
     )  # fmt: skip
     resolved = build(ViewerConfig, section="view", config_file=config, overrides=options)
     server = ViewerServer(predictions, resolved)

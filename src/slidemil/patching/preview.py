@@ -1,4 +1,8 @@
-"""The preview PNG of a slide: its thumbnail with tissue outlines, holes and the patch grid."""
+"""The preview of a slide: its thumbnail with tissue outlines, holes and the patch grid.
+
+JPEG, as CLAM's and TRIDENT's are: at quality 90 without chroma subsampling the 1 px lines stay
+crisp, and it is written five times faster than a PNG of the same thumbnail.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,11 @@ from slidemil.tissue.segmentation import TissueMask
 TISSUE_COLOUR = (0, 160, 0)  # RGB
 HOLE_COLOUR = (0, 0, 220)
 PATCH_COLOUR = (200, 0, 0)
+PREVIEW_SUFFIX = ".jpg"
+JPEG_OPTIONS = [
+    cv2.IMWRITE_JPEG_QUALITY, 90,
+    cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444,
+]  # fmt: skip
 
 
 def draw_preview(
@@ -43,9 +52,10 @@ def draw_preview(
 
 
 def write_preview(path: str | Path, image: np.ndarray) -> Path:
-    """Write an RGB image as PNG atomically."""
+    """Write an RGB image atomically, as JPEG (or as ``path``'s suffix says)."""
     path = Path(path)
+    options = JPEG_OPTIONS if path.suffix.lower() in (".jpg", ".jpeg") else []
     with atomic_path(path) as tmp:
-        if not cv2.imwrite(str(tmp), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
-            raise OSError(f"{tmp}: cannot write PNG")
+        if not cv2.imwrite(str(tmp), cv2.cvtColor(image, cv2.COLOR_RGB2BGR), options):
+            raise OSError(f"{tmp}: cannot write the preview")
     return path

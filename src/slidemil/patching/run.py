@@ -7,7 +7,7 @@ Outputs under the work folder::
     patches/<slide_id>.h5       patch coordinates (see slidemil.formats.patch_file)
     patches/failures.csv        one row per slide that failed (or bad row), with the reason
     patches/.done/<slide_id>.json   the options fingerprint each patch file was made with
-    previews/<slide_id>.png     thumbnail with tissue outlines and the patch grid
+    previews/<slide_id>.jpg     thumbnail with tissue outlines and the patch grid
 """
 
 from __future__ import annotations
@@ -28,19 +28,21 @@ from slidemil.config import ShardSpec, StageConfig, build, read_yaml, write_reso
 from slidemil.errors import ConfigError, NoTissueError
 from slidemil.formats.patch_file import PatchSet, is_complete_patch_file, write_patch_file
 from slidemil.patching.grid import select_patches
-from slidemil.patching.preview import draw_preview, write_preview
+from slidemil.patching.preview import PREVIEW_SUFFIX, draw_preview, write_preview
 from slidemil.readers.protocol import READER_HELP, ReaderName
 from slidemil.runner import RunSummary, Shard, Task, options_fingerprint, plan_slides
 from slidemil.slide import Slide
 from slidemil.tissue.segmentation import TissueMask, TissueParams, segment_tissue
 from slidemil.tissue.segmentation import segmentation_level as nearest_level
-from slidemil.tissue.user_masks import load_user_mask
 
 CONFIG_NAME = "patch_config.yaml"
 DEFAULT_MPP = 0.5
 # A level whose longer side exceeds the target this many times is shrunk through a thumbnail.
 MAX_SEGMENTATION_OVERSIZE = 4
-PREVIEW_SIZE = 1024  # longer side of previews/<slide_id>.png, px
+# The segmentation image is fine enough that a patch side spans at least this many of its px,
+# so each patch's tissue fraction is measured on a few dozen mask px at the least.
+MIN_MASK_PX_PER_PATCH = 16
+PREVIEW_SIZE = 1024  # longer side of previews/<slide_id>.jpg, px
 # Options that only change how the run goes, not its result.
 # "reader": both readers give the same pixels, so switching does not redo finished slides
 RUN_ONLY_OPTIONS = frozenset(
@@ -68,8 +70,12 @@ class PatchConfig(StageConfig):
     slide_mpp: float | None = Field(
         None, gt=0, description="level-0 µm/px for slides without it (a cohort 'slide_mpp' wins)"
     )
+    seg_mpp: float = Field(
+        4.0, gt=0, description="µm/px of the image tissue is segmented on (finer where a patch "
+        f"would span under {MIN_MASK_PX_PER_PATCH} of its px, coarser on slides past --seg-size)",
+    )  # fmt: skip
     seg_size: int = Field(
-        2048, ge=128, description="longer side in px of the image tissue is segmented on"
+        2048, ge=128, description="most px on the longer side of the segmentation image"
     )
     sthresh: int = Field(8, ge=0, le=255, description="saturation threshold (0-255)")
     sthresh_up: int = Field(255, ge=1, le=255, description="value of tissue in the threshold")
@@ -83,7 +89,7 @@ class PatchConfig(StageConfig):
         2_000.0, ge=0, description="smallest hole kept out of the tissue, in µm² (CLAM a_h)"
     )
     max_n_holes: int = Field(8, ge=0, description="most holes per tissue piece")
-    previews: bool = Field(True, description="write previews/<slide_id>.png")
+    previews: bool = Field(True, description="write previews/<slide_id>.jpg")
     workers: int = Field(
         default_factory=lambda: os.cpu_count() or 1, ge=1, description="slides patched in parallel"
     )
@@ -255,10 +261,13 @@ def patch_slide(
         step = config.step or config.patch_size
         overview = None  # the segmentation image, reused for the preview
         if mask_path is not None:
+            from slidemil.tissue.user_masks import load_user_mask  # mask readers: only here
+
             tissue = load_user_mask(mask_path, slide.dimensions, config.seg_size)
             segmentation: dict[str, Any] = {"mask_path": mask_path}
         else:
-            tissue, overview = _segment(slide, config)
+            seg_downsample = segmentation_downsample(slide, config, patch_size_level0)
+            tissue, overview = _segment(slide, config, seg_downsample)
             segmentation = {**config.tissue_params.as_dict(), "downsample": tissue.downsample}
         coords = select_patches(
             tissue.mask, tissue.downsample, slide.dimensions, patch_size_level0,
@@ -267,7 +276,7 @@ def patch_slide(
         if config.previews:
             thumbnail, thumb_downsample = _preview_base(slide, overview)
             image = draw_preview(thumbnail, thumb_downsample, tissue, coords, patch_size_level0)
-            write_preview(out_dir / "previews" / f"{slide_id}.png", image)
+            write_preview(out_dir / "previews" / f"{slide_id}{PREVIEW_SUFFIX}", image)
         if len(coords) == 0:
             where = "no tissue found" if not tissue.mask.any() else "no patch reached"
             raise NoTissueError(
@@ -297,13 +306,26 @@ def patch_slide(
     return len(coords)
 
 
-def _segment(slide: Slide, config: PatchConfig) -> tuple[TissueMask, Any]:
-    """Segment at the level nearest ``seg_size`` (never a big level 0); returns the tissue and
-    the whole-slide image it was found on."""
-    level = nearest_level(slide.level_dimensions, config.seg_size)
-    longer = max(slide.level_dimensions[level])
-    if longer > MAX_SEGMENTATION_OVERSIZE * config.seg_size:
-        image, downsample = slide.thumbnail(config.seg_size)
+def segmentation_downsample(slide: Slide, config: PatchConfig, patch_size_level0: float) -> float:
+    """Level-0 px per px of the image tissue is segmented on: ``seg_mpp``, finer where a patch
+    side would span fewer than ``MIN_MASK_PX_PER_PATCH`` px, coarser where the slide's longer
+    side would pass ``seg_size`` px; never finer than level 0.
+
+    A resolution in µm/px makes the median blur and closing kernels (px of this image) the
+    same size in tissue on every slide, as the µm² area limits already are.
+    """
+    downsample = min(config.seg_mpp / slide.mpp, patch_size_level0 / MIN_MASK_PX_PER_PATCH)
+    return max(downsample, max(slide.dimensions) / config.seg_size, 1.0)
+
+
+def _segment(slide: Slide, config: PatchConfig, downsample: float) -> tuple[TissueMask, Any]:
+    """Segment at the level nearest ``downsample`` (the coarser on a tie; shrunk when that is
+    over ``MAX_SEGMENTATION_OVERSIZE`` times too fine, as a flat slide's level 0 is); returns
+    the tissue and the whole-slide image it was found on."""
+    target_size = max(1, round(max(slide.dimensions) / downsample))
+    level = nearest_level(slide.level_dimensions, target_size)
+    if max(slide.level_dimensions[level]) > MAX_SEGMENTATION_OVERSIZE * target_size:
+        image, downsample = slide.thumbnail(target_size)
     else:
         image = slide.read_level(level)
         downsample = slide.dimensions[0] / image.shape[1]
@@ -312,13 +334,16 @@ def _segment(slide: Slide, config: PatchConfig) -> tuple[TissueMask, Any]:
 
 
 def _preview_base(slide: Slide, overview: Any | None) -> tuple[Any, float]:
-    """The preview's thumbnail: shrunk from the segmentation image when that is large enough
-    (no second read of the slide), else read from the slide."""
-    if overview is not None:
-        image = overview
-        factor = max(image.shape[:2]) / PREVIEW_SIZE
-        if factor >= 1:
-            size = (max(1, round(image.shape[1] / factor)), max(1, round(image.shape[0] / factor)))
-            shrunk = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-            return shrunk, slide.dimensions[0] / size[0]
+    """The preview's thumbnail, ``PREVIEW_SIZE`` px on its longer side: the segmentation image
+    resized when it has at least half that (no second read of the slide; the preview then
+    shows what the segmentation saw), else read from the slide."""
+    if overview is not None and max(overview.shape[:2]) * 2 >= PREVIEW_SIZE:
+        factor = max(overview.shape[:2]) / PREVIEW_SIZE
+        size = (
+            max(1, round(overview.shape[1] / factor)),
+            max(1, round(overview.shape[0] / factor)),
+        )
+        interpolation = cv2.INTER_AREA if factor >= 1 else cv2.INTER_LINEAR
+        image = cv2.resize(overview, size, interpolation=interpolation)
+        return image, slide.dimensions[0] / size[0]
     return slide.thumbnail(PREVIEW_SIZE)

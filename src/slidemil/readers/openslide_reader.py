@@ -81,6 +81,17 @@ class OpenSlideReader:
         """RGB uint8 (N, h, w, 3), one ``read_region`` per location (OpenSlide caches tiles)."""
         return regions_one_by_one(self.read_region, locations, level, size)
 
+    def read_level_region(
+        self, level: int, origin: tuple[int, int], size: tuple[int, int]
+    ) -> np.ndarray:
+        """RGB uint8 (h, w, 3) from level px ``origin``: OpenSlide takes level-0 origins only,
+        so the nearest one (within a level px of the asked one)."""
+        level = int(level)
+        valid = 0 <= level < self._osr.level_count  # read_region reports a bad level
+        downsample = self._osr.level_downsamples[level] if valid else 1.0
+        location = (round(int(origin[0]) * downsample), round(int(origin[1]) * downsample))
+        return self.read_region(location, level, size)
+
     def close(self) -> None:
         self._osr.close()
 

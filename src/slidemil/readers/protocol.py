@@ -73,6 +73,17 @@ class SlideReader(Protocol):
         """
         ...
 
+    def read_level_region(
+        self, level: int, origin: tuple[int, int], size: tuple[int, int]
+    ) -> np.ndarray:
+        """RGB uint8 (h, w, 3) of ``level``'s own px from ``origin`` (x, y in that level's px).
+
+        For whole-level reads (thumbnails, segmentation images) block by block: a block's
+        origin is a level pixel, so no block is resampled by a fraction of a pixel, as level-0
+        origins on a level whose downsample is not a whole number would be.
+        """
+        ...
+
     def close(self) -> None:
         """Release the file."""
         ...

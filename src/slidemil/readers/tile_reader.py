@@ -120,6 +120,22 @@ class TileReader:
         decoded-tile cache outlives the region that filled it)."""
         return regions_one_by_one(self.read_region, locations, level, size)
 
+    def read_level_region(
+        self, level: int, origin: tuple[int, int], size: tuple[int, int]
+    ) -> np.ndarray:
+        """RGB uint8 (h, w, 3): the stored px of ``level`` from level px ``origin``, as they are
+        (no resampling); white outside the image."""
+        level = self._check_level(level)
+        x, y = int(origin[0]), int(origin[1])
+        width, height = int(size[0]), int(size[1])
+        ds = self.layout.downsamples[level]
+        if self.needs_openslide(level, round(x * ds), round(y * ds), width, height):
+            return self._fallback().read_level_region(level, (x, y), (width, height))
+        rgb, alpha = self._window(level, x, y, width, height)
+        if alpha is not None:
+            rgb[alpha == 0] = 255
+        return rgb
+
     def level_info(self, level: int) -> TileLevel:
         """The stored layout of ``level`` (tile size, compression, offsets)."""
         return self._levels[self._check_level(level)]

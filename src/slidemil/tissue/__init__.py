@@ -1,23 +1,22 @@
-"""Tissue: automatic segmentation of a slide's thumbnail, or the user's own masks."""
+"""Tissue: automatic segmentation of a slide's thumbnail, or the user's own masks.
 
-from slidemil.tissue.segmentation import (
-    TissueMask,
-    TissueParams,
-    filter_contours,
-    rasterize,
-    saturation_threshold,
-    segment_tissue,
-    segmentation_level,
-)
-from slidemil.tissue.user_masks import load_user_mask
+Names load on first use: patching without masks never imports the mask-image readers.
+"""
 
-__all__ = [
-    "TissueMask",
-    "TissueParams",
-    "filter_contours",
-    "load_user_mask",
-    "rasterize",
-    "saturation_threshold",
-    "segment_tissue",
-    "segmentation_level",
-]
+from slidemil.lazy import lazy_exports
+
+# public name -> module that defines it
+_API = {
+    "TissueMask": "slidemil.tissue.segmentation",
+    "TissueParams": "slidemil.tissue.segmentation",
+    "filter_contours": "slidemil.tissue.segmentation",
+    "rasterize": "slidemil.tissue.segmentation",
+    "saturation_threshold": "slidemil.tissue.segmentation",
+    "segment_tissue": "slidemil.tissue.segmentation",
+    "segmentation_level": "slidemil.tissue.segmentation",
+    "load_user_mask": "slidemil.tissue.user_masks",
+}
+
+__all__ = list(_API)
+
+__getattr__, __dir__ = lazy_exports(__name__, _API)

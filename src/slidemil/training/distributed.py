@@ -66,10 +66,18 @@ def setup_distributed(device: str = "auto") -> DistContext:
     return DistContext(rank, world_size, local_rank, resolved, owns)
 
 
-def teardown_distributed(context: DistContext) -> None:
-    """Destroy the process group this code created (a caller's own group is left alone)."""
-    if context.owns_group and dist.is_initialized():
-        dist.destroy_process_group()
+def teardown_distributed(context: DistContext, *, finished: bool = False) -> None:
+    """Destroy the process group this code created (a caller's own group is left alone).
+
+    ``finished``: every rank got here without an error, so all meet in a barrier first and none
+    tears its group down while another still has work in flight on it (after an error a barrier
+    could wait for a rank that is gone, so there is none).
+    """
+    if not (context.owns_group and dist.is_initialized()):
+        return
+    if finished and context.distributed:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def mean_over_ranks(value: float, weight: float, context: DistContext) -> float:

@@ -82,6 +82,7 @@ def train(
     )
     work, out = Path(work), Path(out)
     context = setup_distributed(config.device)
+    finished = False
     try:
         data = load_train_data(work, config, warn=context.is_main)
         splits = _splits_for(data, config, warn=context.is_main)
@@ -99,9 +100,10 @@ def train(
             result.folds[fold] = train_fold(
                 fold, splits[splits["fold"] == fold], data, config, out, context, budget
             )
+        finished = True
         return result
     finally:
-        teardown_distributed(context)
+        teardown_distributed(context, finished=finished)
 
 
 def _resolve_config(

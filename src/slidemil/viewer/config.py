@@ -8,6 +8,7 @@ from pydantic import Field
 
 from slidemil.config import StageConfig
 from slidemil.heatmaps.config import ColourMap, Normalisation
+from slidemil.readers.protocol import READER_HELP, ReaderName
 
 LOCALHOST = "127.0.0.1"
 
@@ -41,3 +42,4 @@ class ViewerConfig(StageConfig):
         256, ge=0, description="memory for recently served tiles, in MB (0 = no cache)"
     )
     page_size: int = Field(50, ge=1, le=1000, description="slides per page of the slide list")
+    reader: ReaderName = Field("auto", description=READER_HELP)

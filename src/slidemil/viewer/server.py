@@ -116,7 +116,9 @@ class ViewerState:
         if not slide_path:
             raise ArtifactError(path, "records no slide path", "pass --cohort CSV")
         mpp = slide_mpp or attention.attrs.get("slide_mpp")
-        pyramid = SlidePyramid(slide_path, self.config.tile_size, mpp_override=mpp)
+        pyramid = SlidePyramid(
+            slide_path, self.config.tile_size, mpp_override=mpp, reader=self.config.reader
+        )
         check_same_slide(attention, pyramid, path)
         config = self.config
         layers = AttentionLayers(attention, config.normalisation, config.cmap, config.smooth)

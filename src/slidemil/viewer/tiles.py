@@ -88,8 +88,15 @@ class SlidePyramid:
     """A slide as a deep-zoom pyramid (``limit_bounds`` off, so deep-zoom coordinates are the
     slide's level-0 coordinates scaled by powers of two)."""
 
-    def __init__(self, path: str | Path, tile_size: int, mpp_override: float | None = None):
-        self.slide = Slide(path, mpp_override=mpp_override)  # clear errors for a bad file
+    def __init__(
+        self,
+        path: str | Path,
+        tile_size: int,
+        mpp_override: float | None = None,
+        reader: str = "auto",
+    ):
+        # pixels come from the chosen reader; OpenSlide's generator gives the tile geometry
+        self.slide = Slide(path, mpp_override=mpp_override, reader=reader)  # clear errors
         self.mpp = self.slide.mpp_or_none
         self.dimensions = self.slide.dimensions
         self.path = Path(path)
